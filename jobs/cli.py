@@ -1,0 +1,64 @@
+"""The `gen` command line (click). Thin: parse options into BatchConfig, call run_batch."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from jobs import __version__
+from jobs.config import DTYPES, BatchConfig
+from jobs.errors import JobError
+
+
+class _JobUsageError(click.ClickException):
+    exit_code = 2
+
+
+@click.group()
+@click.version_option(__version__, prog_name="gen")
+def main() -> None:
+    """gen: batch offline generation with diffusion models."""
+
+
+@main.command()
+@click.argument("manifest", type=click.Path())
+@click.option("--out", type=click.Path(), help="Output directory [default: MANIFEST-gen/ beside it].")
+@click.option("--model", help="Built-in tiny-sd / small-sd, a local diffusers directory, or a hub id [default: tiny-sd].")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--steps", "num_inference_steps", type=int, default=50, show_default=True, help="num_inference_steps.")
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True, help="CFG scale; <= 1 disables guidance.")
+@click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="diffusers' guidance_rescale in [0, 1].")
+@click.option("--height", type=int, help="Pixels [default: the model's native size].")
+@click.option("--width", type=int, help="Pixels [default: the model's native size].")
+@click.option("--images-per-prompt", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Prompts per denoiser forward.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Job seed for rows without a `seed`.")
+@click.option("--shard-size", type=int, help="Rows per shard, a multiple of --batch-size [default: ~1000].")
+@click.option("--gpus", type=int, default=1, show_default=True, help="Ranks on this node (CPU ranks when there is no GPU).")
+@click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
+@click.option("--collective-timeout", "collective_timeout_s", type=float, default=300.0, show_default=True, help="Seconds before a stuck collective fails the run.")
+@click.option("--overwrite", is_flag=True, help="Replace an --out directory that holds a different job.")
+def batch(manifest: str, out: str | None, overwrite: bool, **options: object) -> None:
+    """Generate images for every row of a parquet MANIFEST (column `prompt`)."""
+    from jobs.launch import RunFailed, default_out_dir, run_batch
+
+    launch_wall = time.time()
+    try:
+        config = BatchConfig(manifest=manifest, out=out or default_out_dir(manifest), **options)  # type: ignore[arg-type]
+        summary = run_batch(config, launch_wall=launch_wall, overwrite=overwrite, echo=click.echo)
+    except JobError as exc:
+        raise _JobUsageError(str(exc)) from None
+    except RunFailed as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"done: {summary['samples_ok']} ok, {summary['samples_error']} error "
+        f"({summary['shards_done']}/{summary['shards_total']} shards); this run: "
+        f"{summary['run_samples_ok']} images in {summary['generate_wall_s']:.2f} s "
+        f"({summary['images_per_s']:.2f} img/s), start-up {summary['startup_s']:.2f} s; "
+        f"out: {config.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

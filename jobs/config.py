@@ -1,0 +1,104 @@
+"""BatchConfig: the resolved options of one `gen batch` job (saved in OUT/job.json)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from jobs.errors import JobError
+
+DEFAULT_SHARD_ROWS = 1000
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """Options of `gen batch`. Per-row manifest columns override the generation defaults."""
+
+    manifest: str
+    """Path of the parquet manifest."""
+    out: str
+    """Output directory."""
+    model: str | None = None
+    """Built-in name, local diffusers directory or hub id; None = tiny-sd."""
+    dtype: str = "auto"
+    """auto = bfloat16 on GPU, float32 on CPU."""
+    num_inference_steps: int = 50
+    """Scheduler steps, >= 1."""
+    guidance_scale: float = 7.5
+    """CFG scale s >= 0; <= 1 disables guidance (no unconditional forward)."""
+    guidance_rescale: float = 0.0
+    """diffusers' guidance_rescale in [0, 1]; 0 = off."""
+    height: int | None = None
+    """Pixels, > 0, multiple of 8; None = the model's native size."""
+    width: int | None = None
+    """Pixels, > 0, multiple of 8; None = the model's native size."""
+    images_per_prompt: int = 1
+    """Images per manifest row, >= 1 (diffusers' num_images_per_prompt)."""
+    batch_size: int = 4
+    """Prompts per denoiser forward, >= 1."""
+    seed: int = 0
+    """Job seed: rows without a `seed` get one derived from (seed, sample id)."""
+    shard_size: int | None = None
+    """Manifest rows per shard, a multiple of batch_size; None = ~1000 rounded up to one."""
+    gpus: int = 1
+    """Ranks on this node (one per GPU; CPU ranks when there is no GPU), >= 1."""
+    cfg_batching: bool = True
+    """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
+    collective_timeout_s: float = 300.0
+    """Seconds a collective may wait before the run fails instead of hanging, > 0."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, option: str, value: Any, allowed: str) -> None:
+            if not ok:
+                raise JobError(f"{option} {value!r} is invalid: {allowed}")
+
+        need(self.dtype in DTYPES, "--dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        need(self.num_inference_steps >= 1, "--steps", self.num_inference_steps, "must be >= 1")
+        need(self.guidance_scale >= 0, "--guidance-scale", self.guidance_scale, "must be >= 0")
+        need(
+            0 <= self.guidance_rescale <= 1,
+            "--guidance-rescale",
+            self.guidance_rescale,
+            "must be in [0, 1]",
+        )
+        for option, value in (("--height", self.height), ("--width", self.width)):
+            need(
+                value is None or (value > 0 and value % 8 == 0),
+                option,
+                value,
+                "must be a positive multiple of 8",
+            )
+        need(self.images_per_prompt >= 1, "--images-per-prompt", self.images_per_prompt, ">= 1")
+        need(self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1")
+        need(0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2**63)")
+        need(self.gpus >= 1, "--gpus", self.gpus, "must be >= 1")
+        need(self.collective_timeout_s > 0, "--collective-timeout", self.collective_timeout_s, "> 0")
+        if self.shard_size is None:
+            rows = math.ceil(DEFAULT_SHARD_ROWS / self.batch_size) * self.batch_size
+            object.__setattr__(self, "shard_size", rows)
+        elif self.shard_size < 1 or self.shard_size % self.batch_size:
+            raise JobError(
+                f"--shard-size {self.shard_size} is invalid: must be a positive multiple of "
+                f"--batch-size ({self.batch_size}), so that micro-batches, and therefore images, "
+                "do not depend on sharding"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for job.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BatchConfig:
+        """Inverse of to_dict."""
+        return cls(**data)
+
+    def generation_options(self) -> dict[str, Any]:
+        """The options that change what is generated (compared when re-running into an OUT)."""
+        keep = (
+            "model", "dtype", "num_inference_steps", "guidance_scale", "guidance_rescale",
+            "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
+            "cfg_batching",
+        )  # fmt: skip
+        return {k: v for k, v in self.to_dict().items() if k in keep}

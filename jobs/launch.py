@@ -1,0 +1,162 @@
+"""Run a `gen batch` job on this node: plan, job.json, ranks (in-process or torchrun), summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as pyplatform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from jobs import __version__
+from jobs.config import BatchConfig
+from jobs.errors import JobError
+from jobs.manifest import Manifest, open_manifest, total_images
+from jobs.plan import plan_shards
+from jobs.progress import ProgressMonitor
+from jobs.store import OutputDir, write_json
+from jobs.summary import build_summary
+from pipeline.loading import ModelRef, resolve_model
+
+
+class RunFailed(RuntimeError):
+    """A rank failed; finished shards and flushed samples are kept for a re-run."""
+
+
+def default_out_dir(manifest: str) -> str:
+    """``prompts.parquet`` -> ``prompts-gen`` beside it."""
+    p = Path(manifest)
+    return str(p.with_name(f"{p.stem}-gen"))
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "diffusers", "transformers", "pyarrow")
+    found = {n: metadata.version(n) for n in names}
+    return {"gen": __version__, "python": pyplatform.python_version(), **found}
+
+
+def _job_record(config: BatchConfig, manifest: Manifest, model: ModelRef, threads: int,
+                device_kind: str) -> dict[str, Any]:  # fmt: skip
+    return {
+        "config": config.to_dict(),
+        "model": asdict(model),
+        "threads_per_rank": threads,
+        "platform": device_kind,
+        "manifest": {
+            "path": manifest.path,
+            "num_rows": manifest.num_rows,
+            "fingerprint": manifest.fingerprint,
+        },
+        "num_shards": len(plan_shards(manifest.num_rows, config.shard_size or 1)),
+        "versions": _versions(),
+    }
+
+
+def _check_same_job(out: OutputDir, record: dict[str, Any], config: BatchConfig) -> None:
+    if not out.job_json.exists():
+        return
+    old = json.loads(out.job_json.read_text())
+    diffs = []
+    if old["manifest"]["fingerprint"] != record["manifest"]["fingerprint"]:
+        diffs.append("the manifest's contents")
+    old_opts = BatchConfig.from_dict(old["config"]).generation_options()
+    for k, v in config.generation_options().items():
+        if old_opts.get(k) != v:
+            diffs.append(f"{k} ({old_opts.get(k)!r} -> {v!r})")
+    if diffs:
+        raise JobError(
+            f"--out {out.root} holds a different job: {', '.join(diffs)} differ; "
+            "use --overwrite to replace it, or another --out"
+        )
+
+
+def _clear(out: OutputDir) -> None:
+    for name in ("samples", "steps", "done", ".gen"):
+        shutil.rmtree(out.root / name, ignore_errors=True)
+    for f in (out.job_json, out.summary_json):
+        f.unlink(missing_ok=True)
+
+
+def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrite: bool = False,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Run a job on this node and return its summary (also OUT/summary.json).
+
+    Args:
+        config: the job's options.
+        launch_wall: time.time() at CLI start (default: now), for startup_s.
+        overwrite: replace an --out directory that holds a different job.
+        echo: where one-line notices go.
+    Raises:
+        JobError: bad manifest, options, or an --out holding another job.
+        RunFailed: a rank failed (its error has been printed).
+    """
+    launch_wall = launch_wall or time.time()
+    manifest = open_manifest(config.manifest)
+    out = OutputDir(config.out)
+    try:
+        model = resolve_model(config.model)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    if model.smoke_test:
+        echo(f"model: {model.name} is a built-in random-weight smoke-test model (images are noise)")
+
+    from parallel.platform import available_cores, detect_platform, threads_per_rank
+
+    platform = detect_platform()
+    if platform.name != "cpu" and config.gpus > platform.num_devices:
+        raise JobError(f"--gpus {config.gpus}: only {platform.num_devices} {platform.name} "
+                       "devices are visible")  # fmt: skip
+    try:
+        threads = threads_per_rank(config.gpus, available_cores(), os.environ.get("OMP_NUM_THREADS"))
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    if platform.name == "cpu":
+        echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
+
+    record = _job_record(config, manifest, model, threads, platform.name)
+    if overwrite:
+        _clear(out)
+    _check_same_job(out, record, config)
+    write_json(out.job_json, record)
+
+    shards = plan_shards(manifest.num_rows, config.shard_size or 1)
+    pending = [s for s in shards if not out.is_done(s)]
+    echo(f"plan: {manifest.num_rows} rows -> {len(shards)} shard(s) of {config.shard_size} rows; "
+         f"{len(pending)} to run; out: {out.root}")  # fmt: skip
+    for stale in ("progress", "ranks"):
+        shutil.rmtree(out.root / ".gen" / stale, ignore_errors=True)
+    if pending:
+        total = sum(
+            total_images(manifest, s.start, s.stop, config.images_per_prompt) for s in pending
+        )
+        run_id = f"{int(time.time())}{os.getpid()}"
+        with ProgressMonitor(out.root / ".gen" / "progress", total):
+            if config.gpus == 1:
+                from jobs.worker import run_rank
+
+                run_rank(str(out.root), run_id, rank=0, world_size=1, local_rank=0)
+            else:
+                _torchrun(out, run_id, config.gpus, threads)
+    return build_summary(out, launch_wall=launch_wall, num_shards=len(shards))
+
+
+def _torchrun(out: OutputDir, run_id: str, nproc: int, threads: int) -> None:
+    """``torchrun --standalone``: c10d rendezvous on localhost with a free port."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "jobs.worker", str(out.root), run_id,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RunFailed(
+            f"a rank failed (exit {proc.returncode}; its error is above). Finished shards and "
+            "flushed samples are kept: re-run the same command to resume."
+        )

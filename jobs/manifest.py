@@ -1,0 +1,153 @@
+"""The parquet manifest: schema checks, fingerprint, and reading one row range.
+
+Columns: ``prompt`` (string, required); optional ``id``, ``negative_prompt``, ``seed`` and the
+per-row overrides ``guidance_scale``, ``num_inference_steps``, ``height``, ``width``,
+``num_images``. Every other column passes through to the samples parquet unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.errors import JobError
+
+_is_str: Callable[[pa.DataType], bool] = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+_is_int: Callable[[pa.DataType], bool] = pa.types.is_integer
+_is_num: Callable[[pa.DataType], bool] = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)  # noqa: E731
+
+KNOWN_COLUMNS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    "prompt": (_is_str, "string"),
+    "negative_prompt": (_is_str, "string"),
+    "id": (lambda t: _is_str(t) or _is_int(t), "string or integer"),
+    "seed": (_is_int, "integer"),
+    "guidance_scale": (_is_num, "number"),
+    "num_inference_steps": (_is_int, "integer"),
+    "height": (_is_int, "integer"),
+    "width": (_is_int, "integer"),
+    "num_images": (_is_int, "integer"),
+}
+
+RESERVED_COLUMNS = (
+    "sample_id", "row_index", "image_index", "status", "error", "image", "fresh_uncond",
+    "reused_uncond", "invalidations", "denoise_s",
+)  # fmt: skip
+"""Output columns a manifest may not carry (they would be overwritten)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """An opened, schema-checked manifest. Holds no rows."""
+
+    path: str
+    num_rows: int
+    schema: pa.Schema
+    row_group_offsets: tuple[int, ...]
+    """First row of each row group, then num_rows."""
+    fingerprint: str
+    """sha256 of the file's size and footer: changes when the contents change."""
+
+
+def _fingerprint(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def open_manifest(path: str | os.PathLike[str], *, check_ids: bool = True) -> Manifest:
+    """Open a manifest and check its schema (reads the footer and the ``id`` column only).
+
+    Args:
+        path: the parquet file.
+        check_ids: read the ``id`` column to reject duplicates (the launcher does; ranks skip it).
+
+    Raises:
+        JobError: missing file, a directory, not parquet or truncated, no rows, no ``prompt``
+            column, a known column of the wrong type, a reserved column name, duplicate ``id``s.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise JobError(f"manifest {p}: no such file")
+    if p.is_dir():
+        raise JobError(f"manifest {p}: is a directory, expected a .parquet file")
+    try:
+        pf = pq.ParquetFile(p)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise JobError(f"manifest {p}: not a readable parquet file ({exc})") from None
+    schema = pf.schema_arrow
+    if "prompt" not in schema.names:
+        raise JobError(
+            f"manifest {p}: no 'prompt' column (columns: {', '.join(schema.names) or 'none'})"
+        )
+    for name, (ok, allowed) in KNOWN_COLUMNS.items():
+        if name in schema.names and not ok(schema.field(name).type):
+            raise JobError(
+                f"manifest {p}: column '{name}' has type {schema.field(name).type}, "
+                f"expected {allowed}"
+            )
+    for name in RESERVED_COLUMNS:
+        if name in schema.names:
+            raise JobError(f"manifest {p}: column '{name}' is reserved for the output; rename it")
+    num_rows = pf.metadata.num_rows
+    if num_rows == 0:
+        raise JobError(f"manifest {p}: has no rows")
+    offsets = [0]
+    for i in range(pf.metadata.num_row_groups):
+        offsets.append(offsets[-1] + pf.metadata.row_group(i).num_rows)
+    if check_ids and "id" in schema.names:
+        ids = pf.read(columns=["id"]).column("id")
+        if ids.null_count:
+            raise JobError(f"manifest {p}: column 'id' has {ids.null_count} null values")
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))
+        if len(dup):
+            example = dup[0]["values"].as_py()
+            raise JobError(
+                f"manifest {p}: column 'id' has {len(dup)} duplicated values (e.g. {example!r})"
+            )
+    return Manifest(
+        path=str(p.resolve()),
+        num_rows=num_rows,
+        schema=schema,
+        row_group_offsets=tuple(offsets),
+        fingerprint=_fingerprint(p),
+    )
+
+
+def read_rows(
+    manifest: Manifest, start: int, stop: int, columns: list[str] | None = None
+) -> pa.Table:
+    """Rows [start, stop) of the manifest, reading only the row groups that overlap them.
+
+    Args:
+        manifest: an opened manifest.
+        start, stop: 0 <= start < stop <= num_rows.
+        columns: columns to read; None = all.
+    Returns:
+        A table of stop - start rows.
+    """
+    assert 0 <= start < stop <= manifest.num_rows, (start, stop, manifest.num_rows)
+    offsets = manifest.row_group_offsets
+    groups = [
+        g for g in range(len(offsets) - 1) if offsets[g] < stop and offsets[g + 1] > start
+    ]
+    table = pq.ParquetFile(manifest.path).read_row_groups(groups, columns=columns)
+    return table.slice(start - offsets[groups[0]], stop - start)
+
+
+def total_images(manifest: Manifest, start: int, stop: int, images_per_prompt: int) -> int:
+    """Images that rows [start, stop) ask for (``num_images`` column, else images_per_prompt)."""
+    if "num_images" not in manifest.schema.names:
+        return (stop - start) * images_per_prompt
+    col = read_rows(manifest, start, stop, ["num_images"]).column("num_images")
+    return sum(images_per_prompt if v is None else max(1, v) for v in col.to_pylist())

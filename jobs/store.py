@@ -1,0 +1,179 @@
+"""The output directory: atomic files, per-rank parts, shard commit, done markers.
+
+    OUT/job.json  OUT/summary.json
+    OUT/samples/shard-00000.parquet  OUT/steps/shard-00000.parquet  OUT/done/shard-00000.json
+    OUT/.gen/shards/shard-00000/     parts written by ranks while the shard is in flight
+    OUT/.gen/progress/  OUT/.gen/ranks/   live progress and per-rank stats of the last run
+
+Each rank flushes finished samples as part files; when every dp rank of the run has marked its
+share of a shard finished, one of them (an O_EXCL lock decides) merges the parts into the shard
+files, writes the done marker last, and removes the parts. A re-run skips shards with a done
+marker and samples already in parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.plan import Shard
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (indented, keys in insertion order)."""
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """Atomic parquet write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class OutputDir:
+    """Paths and protocols of one job's output directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def job_json(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    def samples(self, shard: Shard) -> Path:
+        return self.root / "samples" / f"{shard.name}.parquet"
+
+    def steps(self, shard: Shard) -> Path:
+        return self.root / "steps" / f"{shard.name}.parquet"
+
+    def done(self, shard: Shard) -> Path:
+        return self.root / "done" / f"{shard.name}.json"
+
+    def work(self, shard: Shard) -> Path:
+        return self.root / ".gen" / "shards" / shard.name
+
+    def progress(self, rank: int) -> Path:
+        return self.root / ".gen" / "progress" / f"rank-{rank:05d}.json"
+
+    def rank_stats(self, rank: int) -> Path:
+        return self.root / ".gen" / "ranks" / f"rank-{rank:05d}.json"
+
+    def is_done(self, shard: Shard) -> bool:
+        return self.done(shard).exists()
+
+    def done_markers(self) -> list[dict[str, Any]]:
+        """Contents of every done marker, in shard order."""
+        return [json.loads(p.read_text()) for p in sorted((self.root / "done").glob("shard-*.json"))]
+
+    # -- parts ---------------------------------------------------------------------------
+
+    def write_part(self, shard: Shard, tag: str, samples: pa.Table, steps: pa.Table) -> None:
+        """Flush finished samples of a shard. Steps first: a samples part defines the part."""
+        work = self.work(shard)
+        write_parquet(work / f"part-{tag}.steps.parquet", steps)
+        write_parquet(work / f"part-{tag}.samples.parquet", samples)
+
+    def finished_sample_ids(self, shard: Shard) -> set[str]:
+        """Sample ids already flushed in parts of this shard (by any earlier or current run)."""
+        ids: set[str] = set()
+        for p in sorted(self.work(shard).glob("part-*.samples.parquet")):
+            ids.update(pq.read_table(p, columns=["sample_id"]).column("sample_id").to_pylist())
+        return ids
+
+    def mark_rank_finished(self, shard: Shard, run_id: str, dp_rank: int, info: dict[str, Any]) -> None:
+        """Record that one dp rank of this run has flushed all of its share of the shard."""
+        write_json(self.work(shard) / f"finished-{run_id}-dp{dp_rank:05d}.json", info)
+
+    def try_commit(self, shard: Shard, run_id: str, dp_size: int, expected_samples: int) -> bool:
+        """Merge a shard's parts into its final files if every dp rank has finished it.
+
+        Exactly one caller commits (O_EXCL lock). The merged samples are checked to hold each
+        of the shard's samples exactly once before the done marker is written (last).
+
+        Returns:
+            True if this call committed the shard.
+        Raises:
+            RuntimeError: the parts do not hold exactly the expected samples.
+        """
+        work = self.work(shard)
+        markers = [work / f"finished-{run_id}-dp{r:05d}.json" for r in range(dp_size)]
+        if self.is_done(shard) or not all(m.exists() for m in markers):
+            return False
+        try:
+            fd = os.open(work / "commit.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        infos = [json.loads(m.read_text()) for m in markers]
+        samples = _merge(sorted(work.glob("part-*.samples.parquet")), ["row_index", "image_index"])
+        if samples.num_rows != expected_samples:
+            raise RuntimeError(
+                f"{shard.name}: parts hold {samples.num_rows} samples, expected {expected_samples}"
+            )
+        ids = samples.column("sample_id")
+        steps = _merge(sorted(work.glob("part-*.steps.parquet")), [])
+        steps = steps.filter(pc.is_in(steps.column("sample_id"), value_set=ids))
+        order = {sid: i for i, sid in enumerate(ids.to_pylist())}
+        sample_order = [order[sid] for sid in steps.column("sample_id").to_pylist()]
+        steps = (
+            steps.append_column("_order", pa.array(sample_order, type=pa.int64()))
+            .sort_by([("_order", "ascending"), ("step_index", "ascending")])
+            .drop_columns(["_order"])
+        )
+        write_parquet(self.samples(shard), samples)
+        write_parquet(self.steps(shard), steps)
+        status = samples.column("status").to_pylist()
+        write_json(
+            self.done(shard),
+            {
+                "shard": shard.index,
+                "rows": [shard.start, shard.stop],
+                "samples_ok": status.count("ok"),
+                "samples_error": status.count("error"),
+                "steps": steps.num_rows,
+                "run_id": run_id,
+                "start_wall": min((i["start_wall"] for i in infos if i["start_wall"]), default=None),
+                "end_wall": max((i["end_wall"] for i in infos if i["end_wall"]), default=None),
+                "committed_at": time.time(),
+            },
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return True
+
+
+def _merge(paths: Iterable[Path], sort_by: list[str]) -> pa.Table:
+    """Concatenate part files, keep the first copy of each sample_id, sort."""
+    tables = [pq.read_table(p) for p in paths]
+    table = pa.concat_tables(tables, promote_options="default")
+    if sort_by:
+        ids = table.column("sample_id").to_pylist()
+        first = list({sid: i for i, sid in reversed(list(enumerate(ids)))}.values())
+        table = table.take(pa.array(sorted(first), type=pa.int64()))
+        table = table.sort_by([(c, "ascending") for c in sort_by])
+    return table

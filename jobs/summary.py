@@ -1,0 +1,47 @@
+"""summary.json: totals over the done markers and this run's per-rank stats."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jobs.store import OutputDir, write_json
+
+
+def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dict[str, Any]:
+    """Summarize the job and write OUT/summary.json.
+
+    Args:
+        out: the output directory.
+        launch_wall: time.time() when `gen batch` started (for startup_s).
+        num_shards: shards in the plan.
+    Returns:
+        The summary: samples_ok / samples_error over all committed shards; generate_wall_s (first
+        denoising step to last decode of this run, over all ranks), startup_s (launch to first
+        denoising step), images_per_s (ok images of this run / generate_wall_s); per-rank peaks.
+    """
+    markers = out.done_markers()
+    ranks = [json.loads(p.read_text()) for p in sorted((out.root / ".gen" / "ranks").glob("*.json"))]
+    starts = [r["first_denoise_wall"] for r in ranks if r["first_denoise_wall"]]
+    ends = [r["last_decode_wall"] for r in ranks if r["last_decode_wall"]]
+    generate_wall_s = max(ends) - min(starts) if starts and ends else 0.0
+    run_ok = sum(r["samples_ok"] for r in ranks)
+    summary = {
+        "samples_ok": sum(m["samples_ok"] for m in markers),
+        "samples_error": sum(m["samples_error"] for m in markers),
+        "shards_done": len(markers),
+        "shards_total": num_shards,
+        "generate_wall_s": round(generate_wall_s, 4),
+        "startup_s": round(min(starts) - launch_wall, 4) if starts else 0.0,
+        "images_per_s": round(run_ok / generate_wall_s, 4) if generate_wall_s > 0 else 0.0,
+        "run_samples_ok": run_ok,
+        "run_samples_error": sum(r["samples_error"] for r in ranks),
+        "run_samples_skipped": sum(r["samples_skipped"] for r in ranks),
+        "ranks": [
+            {k: r[k] for k in ("rank", "device", "threads", "load_s", "samples_ok",
+                               "samples_error", "peak_rss_bytes", "peak_device_bytes")}
+            for r in ranks
+        ],  # fmt: skip
+    }
+    write_json(out.summary_json, summary)
+    return summary

@@ -1,0 +1,195 @@
+"""The worker loop of one rank: its share of every unfinished shard, flushed as it goes.
+
+Entry point for torchrun: ``python -m jobs.worker OUT RUN_ID`` (reads RANK, WORLD_SIZE,
+LOCAL_RANK). With one rank the launcher calls ``run_rank`` in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from jobs.config import BatchConfig
+from jobs.manifest import open_manifest, read_rows
+from jobs.plan import deal, micro_batches, plan_shards
+from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
+from jobs.schema import samples_schema, samples_table, steps_table
+from jobs.store import OutputDir, write_json
+from parallel.dims import ParallelDims
+from parallel.group import barrier, close_ranks, init_ranks, record_errors
+from parallel.platform import detect_platform, parse_dtype
+from pipeline.generate import SampleResult, StageRunner
+from pipeline.loading import ModelRef, load_pipeline
+
+
+@dataclass
+class RankStats:
+    """What one rank did in this run (OUT/.gen/ranks/rank-NNNNN.json)."""
+
+    rank: int
+    device: str
+    threads: int
+    load_s: float = 0.0
+    samples_ok: int = 0
+    samples_error: int = 0
+    samples_skipped: int = 0
+    first_denoise_wall: float | None = None
+    last_decode_wall: float | None = None
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int = 0
+
+
+class ProgressFile:
+    """Samples finished by this rank in this run, for the launcher's progress bar."""
+
+    def __init__(self, out: OutputDir, rank: int) -> None:
+        self.path = out.progress(rank)
+        self.samples = 0
+        self._last = 0.0
+
+    def add(self, n: int, *, force: bool = False) -> None:
+        self.samples += n
+        now = time.monotonic()
+        if force or now - self._last > 0.25:
+            write_json(self.path, {"samples": self.samples})
+            self._last = now
+
+
+def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_rank: int) -> RankStats:
+    """Run one rank's share of the job in ``out_dir`` (whose job.json the launcher wrote).
+
+    Args:
+        out_dir: the job's output directory.
+        run_id: identifies this run's shard-finished markers.
+        rank, world_size, local_rank: this process's place (torchrun's RANK etc.).
+    Returns:
+        This rank's stats (also written to OUT/.gen/ranks/).
+    """
+    out = OutputDir(out_dir)
+    job = json.loads(out.job_json.read_text())
+    config = BatchConfig.from_dict(job["config"])
+    platform = detect_platform()
+    device = platform.device(local_rank)
+    if platform.name == "cpu":
+        torch.set_num_threads(job["threads_per_rank"])
+    elif platform.name == "cuda":
+        torch.cuda.set_device(device)
+    init_ranks(rank=rank, world_size=world_size, platform=platform,
+               timeout_s=config.collective_timeout_s)  # fmt: skip
+    dims = ParallelDims(dp=-1, cfg=1, world_size=world_size)
+    dp_rank, _ = dims.coords(rank)
+    stats = RankStats(rank=rank, device=str(device), threads=torch.get_num_threads())
+
+    start = time.perf_counter()
+    pipe = load_pipeline(ModelRef(**job["model"]), dtype=parse_dtype(config.dtype, platform),
+                         device=device)  # fmt: skip
+    runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
+                         guidance_rescale=config.guidance_rescale)  # fmt: skip
+    stats.load_s = time.perf_counter() - start
+
+    manifest = open_manifest(config.manifest, check_ids=False)
+    defaults = GenerationDefaults(
+        height=config.height or runner.family.default_size,
+        width=config.width or runner.family.default_size,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        images_per_prompt=config.images_per_prompt,
+        seed=config.seed,
+        size_multiple=runner.family.size_multiple,
+    )
+    schema = samples_schema(manifest.schema)
+    progress = ProgressFile(out, rank)
+    progress.add(0, force=True)  # loaded: the launcher starts its bar
+    shards = plan_shards(manifest.num_rows, config.shard_size)
+    for shard in shards:
+        if out.is_done(shard):
+            continue
+        rows = read_rows(manifest, shard.start, shard.stop)
+        planned = plan_rows(rows, shard.start, defaults)
+        finished = out.finished_sample_ids(shard)
+        mine = deal(micro_batches(planned, config.batch_size), dp_rank, dims.dp_size)
+        first_wall, last_wall = None, None
+        for part, batch in enumerate(mine):
+            todo = [p for p in batch if p.request.sample_id not in finished]
+            stats.samples_skipped += len(batch) - len(todo)
+            if not todo:
+                progress.add(len(batch))
+                continue
+            results, span = _generate(runner, todo, stats)
+            if span is not None:
+                first_wall = first_wall or span[0]
+                last_wall = span[1]
+            ok = [r for r in results if r is not None]
+            out.write_part(
+                shard,
+                f"{run_id}-r{rank:05d}-{part:05d}",
+                samples_table(schema, todo, results, rows, shard.start),
+                steps_table(ok),
+            )
+            progress.add(len(batch))
+        out.mark_rank_finished(shard, run_id, dp_rank,
+                               {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
+        out.try_commit(shard, run_id, dims.dp_size, len(planned))
+    progress.add(0, force=True)
+    barrier()
+    if rank == 0:  # a shard whose last finisher lost the commit race
+        for shard in shards:
+            out.try_commit(shard, run_id, dims.dp_size, _num_samples(manifest, shard, defaults))
+    stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if platform.name == "cuda":
+        stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    write_json(out.rank_stats(rank), stats.__dict__)
+    barrier()
+    close_ranks()
+    return stats
+
+
+def _num_samples(manifest, shard, defaults) -> int:  # noqa: ANN001
+    return len(plan_rows(read_rows(manifest, shard.start, shard.stop), shard.start, defaults))
+
+
+def _generate(
+    runner: StageRunner, todo: list[PlannedSample], stats: RankStats
+) -> tuple[list[SampleResult | None], tuple[float, float] | None]:
+    """Results for ``todo`` in order (None for samples that failed planning checks), and the
+    wall-clock span (denoise start, decode end) of the generation, if anything was generated."""
+    gen = [p for p in todo if p.error is None]
+    by_id: dict[str, SampleResult] = {}
+    span = None
+    if gen:
+        output = runner.run([p.request for p in gen])
+        span = (output.start_wall, output.end_wall)
+        if stats.first_denoise_wall is None:
+            stats.first_denoise_wall = output.start_wall
+        stats.last_decode_wall = output.end_wall
+        by_id = {r.request.sample_id: r for r in output.results}
+    results = [by_id.get(p.request.sample_id) for p in todo]
+    for r in results:
+        if r is not None and r.error is None:
+            stats.samples_ok += 1
+        else:
+            stats.samples_error += 1
+    return results, span
+
+
+@record_errors
+def main() -> None:
+    """torchrun entry: ``python -m jobs.worker OUT RUN_ID``."""
+    out_dir, run_id = sys.argv[1], sys.argv[2]
+    run_rank(
+        out_dir,
+        run_id,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ["LOCAL_RANK"]),
+    )
+
+
+if __name__ == "__main__":
+    main()

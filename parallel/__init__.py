@@ -1,0 +1,1 @@
+"""Ranks, devices and branch execution. The only package that imports torch.distributed."""

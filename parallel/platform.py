@@ -1,0 +1,109 @@
+"""Platform rules: which device a rank uses, which collective backend, which default dtype.
+
+cuda -> nccl, npu (Ascend, torch_npu) -> hccl, cpu -> gloo. A rank is pinned to the device of
+its LOCAL_RANK; CUDA_VISIBLE_DEVICES (as SLURM or the user sets it) is respected because device
+indices are taken relative to what torch sees.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Platform:
+    """The accelerator family this process runs on."""
+
+    name: str
+    """"cuda", "npu" or "cpu"."""
+    backend: str
+    """torch.distributed backend: "nccl", "hccl" or "gloo"."""
+    num_devices: int
+    """Accelerators visible to this process; 0 on cpu."""
+
+    def device(self, local_rank: int) -> torch.device:
+        """The device a rank uses.
+
+        Args:
+            local_rank: rank within this node, >= 0.
+        Returns:
+            ``cuda:<local_rank>`` / ``npu:<local_rank>``, or ``cpu``.
+        Raises:
+            ValueError: local_rank >= the number of visible devices.
+        """
+        if self.name == "cpu":
+            return torch.device("cpu")
+        if not 0 <= local_rank < self.num_devices:
+            raise ValueError(
+                f"local rank {local_rank} has no {self.name} device: {self.num_devices} visible"
+            )
+        return torch.device(self.name, local_rank)
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        """bfloat16 on accelerators, float32 on cpu (bf16 matmuls are slow on most CPUs)."""
+        return torch.float32 if self.name == "cpu" else torch.bfloat16
+
+
+def detect_platform() -> Platform:
+    """Detect the accelerator: CUDA first, then Ascend NPU (if torch_npu imports), else CPU."""
+    if torch.cuda.is_available():
+        return Platform(name="cuda", backend="nccl", num_devices=torch.cuda.device_count())
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+
+        if torch.npu.is_available():  # type: ignore[attr-defined]
+            return Platform(name="npu", backend="hccl", num_devices=torch.npu.device_count())  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+    return Platform(name="cpu", backend="gloo", num_devices=0)
+
+
+def parse_dtype(name: str | None, platform: Platform) -> torch.dtype:
+    """Resolve a ``--dtype`` value.
+
+    Args:
+        name: "float32", "float16", "bfloat16", or None / "auto" for the platform default.
+        platform: the detected platform.
+    Raises:
+        ValueError: an unknown name; the message lists the allowed ones.
+    """
+    if name in (None, "auto"):
+        return platform.default_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def threads_per_rank(num_ranks: int, num_cores: int, omp_num_threads: str | None) -> int:
+    """CPU threads each rank uses: OMP_NUM_THREADS when set, else floor(cores / ranks), at least 1.
+
+    Args:
+        num_ranks: ranks on this node, >= 1.
+        num_cores: cores this process may use (``len(os.sched_getaffinity(0))``).
+        omp_num_threads: the OMP_NUM_THREADS environment value, or None.
+    Raises:
+        ValueError: OMP_NUM_THREADS is set but is not a positive integer.
+    """
+    if omp_num_threads:
+        try:
+            value = int(omp_num_threads)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"OMP_NUM_THREADS={omp_num_threads!r} is not a positive integer")
+        return value
+    return max(1, num_cores // max(1, num_ranks))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects taskset / SLURM cpu binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,139 @@
+"""The intercept: wrap each denoiser module's forward for the span of one pipeline call.
+
+Diffusers keeps its pipeline loop (scheduler, latents, the CFG combine
+``uncond + s * (cond - uncond)`` and guidance_rescale). This hook owns what happens inside each
+denoiser call: the call is split into its guidance branches, the branches go to a branch
+executor (parallel/), the predictions are put back in the order the pipeline expects, and every
+step is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from parallel.branches import SerialBranchExecutor, split_branches
+from pipeline.families import CfgConvention
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One denoiser step of a micro-batch."""
+
+    step_index: int
+    """0-based position in the scheduler's timesteps."""
+    timestep: float
+    """The scheduler timestep passed to the denoiser."""
+    denoiser: str
+    """Pipeline attribute of the module that ran ("unet", "transformer", "transformer_2")."""
+    uncond: str
+    """"fresh" (computed this step), "reused" (from a cached delta) or "none" (no guidance)."""
+    step_s: float
+    """Wall seconds in the denoiser for this step: every branch forward on this rank."""
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError("denoiser called without a tensor argument")
+
+
+def _rebuild(template: Any, prediction: torch.Tensor) -> Any:
+    """The module's own output type (tuple or diffusers BaseOutput) holding ``prediction``."""
+    if isinstance(template, torch.Tensor):
+        return prediction
+    if isinstance(template, tuple):
+        return (prediction, *template[1:])
+    fields = list(template.keys())
+    return type(template)(**{k: prediction if k == fields[0] else template[k] for k in fields})
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
+
+
+class DenoiserHook:
+    """Intercepts the denoiser modules of one pipeline.
+
+    Args:
+        pipe: the diffusers pipeline.
+        convention: its CFG calling convention.
+        executor: runs a step's branches (serial now; CFG-parallel later).
+    """
+
+    def __init__(self, pipe: Any, convention: CfgConvention, executor: SerialBranchExecutor) -> None:
+        if not convention.batched:
+            raise NotImplementedError("two-call CFG pipelines are not supported yet")
+        self.pipe = pipe
+        self.convention = convention
+        self.executor = executor
+
+    @contextmanager
+    def intercept(self, *, batch: int, guidance: bool) -> Iterator[list[StepRecord]]:
+        """Wrap the denoisers for one pipeline call; yields the list its steps are appended to.
+
+        Args:
+            batch: B, images in the micro-batch.
+            guidance: whether the pipeline runs CFG (guidance_scale > 1).
+        """
+        records: list[StepRecord] = []
+        modules = [
+            (name, getattr(self.pipe, name))
+            for name in self.convention.denoisers
+            if getattr(self.pipe, name, None) is not None
+        ]
+        saved = [module.__dict__.get("forward") for _, module in modules]
+        for name, module in modules:
+            module.forward = self._wrap(name, module.forward, batch, guidance, records)
+        try:
+            yield records
+        finally:
+            for (_, module), prior in zip(modules, saved):
+                if prior is None:
+                    del module.forward  # the class's forward is back
+                else:
+                    module.forward = prior
+
+    def _wrap(self, name: str, forward: Any, batch: int, guidance: bool, records: list[StepRecord]):
+        names = self.convention.branch_order if guidance else ("cond",)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            sample = _first_tensor(args, kwargs)
+            total = batch * len(names)
+            if sample.shape[0] != total:
+                raise RuntimeError(
+                    f"{name} called with batch {sample.shape[0]}, expected {total} "
+                    f"({len(names)} branches x {batch} images)"
+                )
+            template: list[Any] = []
+
+            def run(a: tuple[Any, ...], k: dict[str, Any]) -> torch.Tensor:
+                out = forward(*a, **k)
+                template.append(out)
+                return _prediction(out)
+
+            branches = split_branches(names, args, kwargs, total)
+            predictions = self.executor.run(branches, run, batch)
+            result = _rebuild(template[0], torch.cat(predictions, dim=0))
+            timestep = args[1] if len(args) > 1 else kwargs.get("timestep", 0)
+            records.append(
+                StepRecord(
+                    step_index=len(records),
+                    timestep=float(torch.as_tensor(timestep).flatten()[0]),
+                    denoiser=name,
+                    uncond="fresh" if guidance else "none",
+                    step_s=time.perf_counter() - start,
+                )
+            )
+            return result
+
+        return wrapped
