@@ -1,0 +1,141 @@
+"""`gen batch` end to end: the installed CLI in a subprocess over 64 real PartiPrompts."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.conftest import run_gen
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def outs(parti64: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same job three ways: --gpus 2 / shard 8, --gpus 2 / shard 64, --gpus 1 / shard 64."""
+    base = tmp_path_factory.mktemp("e2e")
+    runs = {"g2s8": ("2", "8"), "g2s64": ("2", "64"), "g1s64": ("1", "64")}
+    for name, (gpus, shard) in runs.items():
+        proc = run_gen("batch", str(parti64), "--out", str(base / name), "--gpus", gpus,
+                       "--shard-size", shard, "--steps", str(STEPS), "--height", "64",
+                       "--width", "96", env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "64 ok, 0 error" in proc.stdout
+    return {name: base / name for name in runs}
+
+
+def test_64_prompts_on_two_ranks(outs: dict[str, Path], parti64: Path) -> None:
+    out = outs["g2s8"]
+    samples = pq.read_table(out / "samples")
+    assert samples.num_rows == 64
+    assert set(samples.column("status").to_pylist()) == {"ok"}
+    assert samples.column("row_index").to_pylist() == list(range(64))
+    for cell in samples.column("image").to_pylist():
+        img = Image.open(io.BytesIO(cell["bytes"]))
+        assert img.format == "PNG" and img.size == (96, 64)  # (width, height)
+    manifest = pq.read_table(parti64)
+    for col in ("prompt", "category", "challenge", "note"):
+        assert samples.column(col).to_pylist() == manifest.column(col).to_pylist()
+    assert set(samples.column("fresh_uncond").to_pylist()) == {STEPS}
+    steps = pq.read_table(out / "steps")
+    assert steps.num_rows == 64 * STEPS
+    assert set(steps.column("uncond").to_pylist()) == {"fresh"}
+    assert set(steps.column("denoiser").to_pylist()) == {"unet"}
+    done = sorted(p.name for p in (out / "done").iterdir())
+    assert done == [f"shard-{i:05d}.json" for i in range(8)]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        f"shard-{i:05d}.parquet" for i in range(8)
+    ]
+    assert not (out / ".gen" / "shards").exists() or not any((out / ".gen" / "shards").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_ok"] == 64 and summary["generate_wall_s"] > 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["config"]["gpus"] == 2 and job["manifest"]["num_rows"] == 64
+
+
+@pytest.mark.parametrize("other", ["g2s64", "g1s64"])
+def test_bytes_identical_across_ranks_and_shard_sizes(outs: dict[str, Path], other: str) -> None:
+    a = pq.read_table(outs["g2s8"] / "samples")
+    b = pq.read_table(outs[other] / "samples")
+    for col in ("sample_id", "seed", "image"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+
+
+def test_rerun_skips_done_shards(outs: dict[str, Path], parti64: Path) -> None:
+    out = outs["g1s64"]
+    before = (out / "samples" / "shard-00000.parquet").stat().st_mtime_ns
+    proc = run_gen("batch", str(parti64), "--out", str(out), "--gpus", "1", "--shard-size", "64",
+                   "--steps", str(STEPS), "--height", "64", "--width", "96")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0 to run" in proc.stdout and "64 ok" in proc.stdout
+    assert (out / "samples" / "shard-00000.parquet").stat().st_mtime_ns == before
+
+
+def test_out_holding_another_job_is_refused(outs: dict[str, Path], parti64: Path) -> None:
+    proc = run_gen("batch", str(parti64), "--out", str(outs["g1s64"]), "--steps", "7",
+                   "--shard-size", "64")  # fmt: skip
+    assert proc.returncode == 2
+    assert "holds a different job" in proc.stderr and "num_inference_steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_datasets_reads_image_feature(outs: dict[str, Path]) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset("parquet", data_files=str(outs["g2s8"] / "samples" / "*.parquet"),
+                               split="train")  # fmt: skip
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert ds[0]["image"].size == (96, 64)
+
+
+def test_row_errors_do_not_stop_the_job(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table({
+            "prompt": ["a cat", None, "   ", "a dog", "ünïcödé 猫 🐱"],
+            "height": pa.array([None, None, None, 60, None], pa.int64()),
+            "seed": pa.array([7, None, None, None, 9], pa.int64()),
+        }),
+        manifest,
+    )  # fmt: skip
+    proc = run_gen("batch", str(manifest), "--out", str(tmp_path / "o"), "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = pq.read_table(tmp_path / "o" / "samples").to_pylist()
+    assert [s["status"] for s in samples] == ["ok", "error", "error", "error", "ok"]
+    assert "prompt is null" in samples[1]["error"]
+    assert "prompt is empty" in samples[2]["error"]
+    assert "height 60" in samples[3]["error"]
+    assert samples[0]["seed"] == 7 and samples[4]["seed"] == 9
+    assert samples[1]["image"] is None
+    assert "2 ok, 3 error" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.parquet"], "no such file"),
+        (["{dir}"], "is a directory"),
+        (["{notparquet}"], "not a readable parquet file"),
+        (["{noprompt}"], "no 'prompt' column"),
+        (["{ok}", "--shard-size", "10", "--batch-size", "4"], "must be a positive multiple of --batch-size"),
+        (["{ok}", "--gpus", "0"], "--gpus 0"),
+        (["{ok}", "--height", "65"], "--height 65"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "notparquet").write_text("prompt\na cat\n")
+    pq.write_table(pa.table({"text": ["a cat"]}), tmp_path / "noprompt")
+    pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "ok")
+    paths = {"dir": tmp_path, "notparquet": tmp_path / "notparquet",
+             "noprompt": tmp_path / "noprompt", "ok": tmp_path / "ok"}  # fmt: skip
+    argv = [a.format(**paths) for a in args]
+    proc = run_gen("batch", *argv, "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "samples").exists()

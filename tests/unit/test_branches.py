@@ -1,0 +1,156 @@
+"""Splitting a CFG call into branches, concatenating them back, and running them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from parallel.branches import (
+    Branch,
+    SerialBranchExecutor,
+    concat_branches,
+    map_batch,
+    split_branches,
+)
+
+NAMES = ("uncond", "cond")
+
+
+def _inputs() -> tuple[tuple[Any, ...], dict[str, Any]]:
+    x = torch.arange(4 * 3, dtype=torch.float32).reshape(4, 3)
+    t = torch.tensor(7.0)
+    e = torch.arange(4 * 2 * 5, dtype=torch.float32).reshape(4, 2, 5) / 10
+    a = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    return (x, t), {"encoder_hidden_states": e, "added": {"a": a}, "return_dict": False}
+
+
+def test_split_branches() -> None:
+    args, kwargs = _inputs()
+    x, t = args
+    branches = split_branches(NAMES, args, kwargs, 4)
+    assert [b.name for b in branches] == ["uncond", "cond"]
+    for i, b in enumerate(branches):
+        bx, bt = b.args
+        assert isinstance(b.args, tuple)
+        assert torch.equal(bx, x[2 * i : 2 * i + 2])
+        assert bt is t  # a scalar timestep is shared, untouched
+        assert torch.equal(
+            b.kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states"][2 * i : 2 * i + 2]
+        )
+        assert torch.equal(b.kwargs["added"]["a"], kwargs["added"]["a"][2 * i : 2 * i + 2])
+        assert b.kwargs["return_dict"] is False
+    assert branches[1].kwargs["added"]["a"].flatten().tolist() == [3.0, 4.0]
+
+
+def test_split_three_branches() -> None:
+    x = torch.arange(6.0)
+    branches = split_branches(("a", "b", "c"), (x,), {}, 6)
+    assert [b.args[0].tolist() for b in branches] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+
+
+def test_split_indivisible_batch() -> None:
+    with pytest.raises(ValueError):
+        split_branches(NAMES, (torch.zeros(3),), {}, 3)
+
+
+def test_map_batch_keeps_containers_and_other_sizes() -> None:
+    obj = {
+        "l": [torch.zeros(4), torch.zeros(2)],
+        "t": (torch.zeros(4, 1), 3, "s"),
+        "z": torch.tensor(1.0),
+    }
+    out = map_batch(obj, lambda t: t[:1], 4)
+    assert isinstance(out["l"], list) and isinstance(out["t"], tuple)
+    assert out["l"][0].shape == (1,)
+    assert out["l"][1] is obj["l"][1]
+    assert out["t"][0].shape == (1, 1)
+    assert out["t"][1:] == (3, "s")
+    assert out["z"] is obj["z"]
+
+
+def test_concat_inverts_split() -> None:
+    args, kwargs = _inputs()
+    branches = split_branches(NAMES, args, kwargs, 4)
+    cargs, ckwargs = concat_branches(branches, 2)
+    assert torch.equal(cargs[0], args[0])
+    assert torch.equal(cargs[1], args[1])
+    assert torch.equal(ckwargs["encoder_hidden_states"], kwargs["encoder_hidden_states"])
+    assert torch.equal(ckwargs["added"]["a"], kwargs["added"]["a"])
+    assert ckwargs["return_dict"] is False
+    assert set(ckwargs) == set(kwargs)
+
+
+def test_concat_single_branch_is_identity() -> None:
+    b = Branch("cond", (torch.ones(2),), {"k": torch.zeros(2)})
+    args, kwargs = concat_branches([b], 2)
+    assert args is b.args and kwargs is b.kwargs
+
+
+def test_concat_inverts_split_with_shared_leading_dim_one_tensor() -> None:
+    """B = 1: a shared (1,)-shaped timestep is not split, so it must not be concatenated."""
+    x = torch.arange(2.0).reshape(2, 1)
+    t = torch.tensor([5.0])
+    args, _ = concat_branches(split_branches(NAMES, (x, t), {}, 2), 1)
+    assert torch.equal(args[0], x)
+    assert args[1].shape == t.shape
+
+
+def _elementwise(calls: list[torch.Tensor]):  # noqa: ANN202
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        x, t = args
+        calls.append(x)
+        return x * 3 + t + kwargs["encoder_hidden_states"].sum(dim=(1, 2))[:, None]
+
+    return forward
+
+
+def test_serial_batched_one_forward() -> None:
+    args, kwargs = _inputs()
+    calls: list[torch.Tensor] = []
+    out = SerialBranchExecutor(batched=True).run(
+        split_branches(NAMES, args, kwargs, 4), _elementwise(calls), 2
+    )
+    assert len(calls) == 1
+    assert calls[0].shape[0] == 4
+    assert torch.equal(calls[0], args[0])
+    full = _elementwise([])(args, kwargs)
+    assert len(out) == 2
+    assert torch.equal(out[0], full[:2]) and torch.equal(out[1], full[2:])
+
+
+def test_serial_unbatched_one_forward_per_branch() -> None:
+    args, kwargs = _inputs()
+    calls: list[torch.Tensor] = []
+    out = SerialBranchExecutor(batched=False).run(
+        split_branches(NAMES, args, kwargs, 4), _elementwise(calls), 2
+    )
+    assert len(calls) == 2
+    assert torch.equal(calls[0], args[0][:2]) and torch.equal(calls[1], args[0][2:])
+    full = _elementwise([])(args, kwargs)
+    assert torch.equal(out[0], full[:2]) and torch.equal(out[1], full[2:])
+
+
+def test_batched_and_unbatched_agree() -> None:
+    args, kwargs = _inputs()
+    batched = SerialBranchExecutor(batched=True).run(
+        split_branches(NAMES, args, kwargs, 4), _elementwise([]), 2
+    )
+    serial = SerialBranchExecutor(batched=False).run(
+        split_branches(NAMES, args, kwargs, 4), _elementwise([]), 2
+    )
+    assert len(batched) == len(serial) == 2
+    for a, b in zip(batched, serial):
+        assert torch.equal(a, b)
+
+
+def test_batched_single_branch_calls_once() -> None:
+    x = torch.arange(3.0).reshape(3, 1)
+    calls: list[torch.Tensor] = []
+    branches = split_branches(
+        ("cond",), (x, torch.tensor(1.0)), {"encoder_hidden_states": torch.zeros(3, 1, 1)}, 3
+    )
+    (out,) = SerialBranchExecutor(batched=True).run(branches, _elementwise(calls), 3)
+    assert len(calls) == 1
+    assert torch.equal(out, x * 3 + 1)

@@ -1,0 +1,188 @@
+"""The samples and steps tables: columns, HF metadata, rows for results and errors."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
+from jobs.schema import IMAGE_TYPE, STEPS_SCHEMA, samples_schema, samples_table, steps_table
+from pipeline.denoiser import StepRecord
+from pipeline.generate import SampleRequest, SampleResult
+
+MANIFEST_SCHEMA = pa.schema(
+    [("prompt", pa.string()), ("id", pa.string()), ("category", pa.string()), ("seed", pa.int32())]
+)
+DEFAULTS = GenerationDefaults(
+    height=16, width=24, num_inference_steps=3, guidance_scale=5.0,
+    images_per_prompt=1, seed=0, size_multiple=8,
+)  # fmt: skip
+
+
+def _rows() -> pa.Table:
+    return pa.table(
+        {
+            "prompt": ["a cat", None, "a dog"],
+            "id": ["cat", "bad", "dog"],
+            "category": ["animal", "none", "pet"],
+            "seed": pa.array([5, None, None], pa.int32()),
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+
+
+def _steps(*unconds: str) -> list[StepRecord]:
+    return [
+        StepRecord(i, 900.0 - 100 * i, "unet", u, 0.01 * (i + 1)) for i, u in enumerate(unconds)
+    ]
+
+
+def _image(p: PlannedSample, color: tuple[int, int, int] = (10, 20, 30)) -> Image.Image:
+    return Image.new("RGB", (p.request.width, p.request.height), color)
+
+
+def test_samples_schema_columns() -> None:
+    schema = samples_schema(MANIFEST_SCHEMA)
+    assert schema.names[:3] == ["sample_id", "row_index", "image_index"]
+    assert schema.names[3:6] == ["prompt", "id", "category"]
+    assert schema.names.count("seed") == 1
+    assert schema.field("seed").type == pa.int64()
+    assert schema.field("prompt").type == pa.string()
+    assert schema.field("image").type == IMAGE_TYPE
+    assert schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for name in ("status", "error", "width", "height", "num_inference_steps", "guidance_scale",
+                 "fresh_uncond", "reused_uncond", "invalidations", "denoise_s"):  # fmt: skip
+        assert name in schema.names
+    assert len(set(schema.names)) == len(schema.names)
+
+
+def test_samples_schema_resolved_overrides_not_duplicated() -> None:
+    manifest = pa.schema(
+        [("width", pa.int32()), ("prompt", pa.string()), ("height", pa.int16()),
+         ("guidance_scale", pa.float32()), ("num_inference_steps", pa.int8()), ("extra", pa.bool_())]
+    )  # fmt: skip
+    schema = samples_schema(manifest)
+    for name in ("width", "height", "guidance_scale", "num_inference_steps", "seed"):
+        assert schema.names.count(name) == 1
+    assert schema.field("width").type == pa.int64()
+    assert schema.field("guidance_scale").type == pa.float64()
+    assert schema.names[3:5] == ["prompt", "extra"]
+
+
+def test_hf_metadata() -> None:
+    schema = samples_schema(MANIFEST_SCHEMA)
+    meta = json.loads(schema.metadata[b"huggingface"])
+    features = meta["info"]["features"]
+    assert features["image"] == {"_type": "Image"}
+    assert set(features) == set(schema.names)
+    assert list(features) == schema.names
+    assert features["prompt"] == {"dtype": "string", "_type": "Value"}
+    assert features["row_index"] == {"dtype": "int64", "_type": "Value"}
+    assert features["guidance_scale"] == {"dtype": "float64", "_type": "Value"}
+
+
+def test_samples_table_ok_and_error_rows() -> None:
+    rows = _rows()
+    planned = plan_rows(rows, 10, DEFAULTS)
+    assert [p.error is None for p in planned] == [True, False, True]
+    schema = samples_schema(MANIFEST_SCHEMA)
+    results = [
+        SampleResult(planned[0].request, image=_image(planned[0]),
+                     steps=_steps("fresh", "fresh", "reused"), denoise_s=1.5),
+        None,
+        SampleResult(planned[2].request, image=_image(planned[2], (200, 0, 0)),
+                     steps=_steps("none", "none", "none"), denoise_s=1.5),
+    ]  # fmt: skip
+    table = samples_table(schema, planned, results, rows, 10)
+    assert table.schema == schema
+    assert table.schema.metadata == schema.metadata
+    t = table.to_pylist()
+    assert [r["sample_id"] for r in t] == ["cat-0", "bad-0", "dog-0"]
+    assert [r["row_index"] for r in t] == [10, 11, 12]
+    assert [r["image_index"] for r in t] == [0, 0, 0]
+    assert [r["status"] for r in t] == ["ok", "error", "ok"]
+    assert [r["prompt"] for r in t] == ["a cat", None, "a dog"]
+    assert [r["category"] for r in t] == ["animal", "none", "pet"]
+    assert t[0]["seed"] == 5
+    assert t[2]["seed"] == planned[2].request.seed
+    assert [r["fresh_uncond"] for r in t] == [2, 0, 0]
+    assert [r["reused_uncond"] for r in t] == [1, 0, 0]
+    assert [r["denoise_s"] for r in t] == [1.5, 0.0, 1.5]
+    assert [(r["width"], r["height"], r["num_inference_steps"]) for r in t] == [(24, 16, 3)] * 3
+    assert [r["guidance_scale"] for r in t] == [5.0] * 3
+
+    ok = t[0]
+    assert ok["error"] is None
+    assert ok["image"]["path"] == "cat-0.png"
+    img = Image.open(io.BytesIO(ok["image"]["bytes"]))
+    assert img.format == "PNG"
+    assert img.size == (24, 16)
+    assert img.convert("RGB").getpixel((3, 5)) == (10, 20, 30)
+    assert Image.open(io.BytesIO(t[2]["image"]["bytes"])).convert("RGB").getpixel((0, 0)) == (
+        200,
+        0,
+        0,
+    )
+
+    bad = t[1]
+    assert bad["image"] is None
+    assert bad["error"] is not None and "prompt" in bad["error"]
+    assert bad["error"] == planned[1].error
+
+
+def test_samples_table_generation_error() -> None:
+    rows = _rows().slice(0, 1)
+    planned = plan_rows(rows, 0, DEFAULTS)
+    schema = samples_schema(MANIFEST_SCHEMA)
+    failed = SampleResult(planned[0].request, error="non-finite latents after denoising",
+                          steps=_steps("fresh"))  # fmt: skip
+    (row,) = samples_table(schema, planned, [failed], rows, 0).to_pylist()
+    assert row["status"] == "error"
+    assert row["image"] is None
+    assert row["error"] == "non-finite latents after denoising"
+
+
+def test_samples_table_subset_of_rows() -> None:
+    """Planned samples may be any subset of the manifest rows given (a rank's share)."""
+    rows = _rows()
+    planned = [p for p in plan_rows(rows, 0, DEFAULTS) if p.error is None][::-1]
+    schema = samples_schema(MANIFEST_SCHEMA)
+    results = [SampleResult(p.request, image=_image(p)) for p in planned]
+    t = samples_table(schema, planned, results, rows, 0).to_pylist()
+    assert [(r["sample_id"], r["prompt"], r["category"]) for r in t] == [
+        ("dog-0", "a dog", "pet"), ("cat-0", "a cat", "animal"),
+    ]  # fmt: skip
+
+
+def _request(sid: str) -> SampleRequest:
+    return SampleRequest(sample_id=sid, prompt="p", negative_prompt="", seed=1, height=8,
+                         width=8, num_inference_steps=2, guidance_scale=5.0)  # fmt: skip
+
+
+def test_steps_table() -> None:
+    ok = SampleResult(
+        _request("a-0"), image=Image.new("RGB", (8, 8)), steps=_steps("fresh", "fresh")
+    )
+    ok2 = SampleResult(_request("b-0"), image=Image.new("RGB", (8, 8)), steps=_steps("none"))
+    failed = SampleResult(_request("c-0"), error="boom", steps=_steps("fresh", "fresh"))
+    table = steps_table([ok, failed, ok2])
+    assert table.schema == STEPS_SCHEMA
+    assert table.to_pylist() == [
+        {"sample_id": "a-0", "step_index": 0, "timestep": 900.0, "denoiser": "unet",
+         "uncond": "fresh", "step_s": pytest.approx(0.01)},
+        {"sample_id": "a-0", "step_index": 1, "timestep": 800.0, "denoiser": "unet",
+         "uncond": "fresh", "step_s": pytest.approx(0.02)},
+        {"sample_id": "b-0", "step_index": 0, "timestep": 900.0, "denoiser": "unet",
+         "uncond": "none", "step_s": pytest.approx(0.01)},
+    ]  # fmt: skip
+
+
+def test_steps_table_empty() -> None:
+    failed = SampleResult(_request("c-0"), error="boom", steps=_steps("fresh"))
+    table = steps_table([failed])
+    assert table.num_rows == 0
+    assert table.schema == STEPS_SCHEMA
