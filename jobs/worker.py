@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from jobs.config import BatchConfig
+from jobs.errors import JobError
 from jobs.manifest import open_manifest, read_rows
 from jobs.plan import deal, micro_batches, plan_shards
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
@@ -87,10 +88,13 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     stats = RankStats(rank=rank, device=str(device), threads=torch.get_num_threads())
 
     start = time.perf_counter()
-    pipe = load_pipeline(ModelRef(**job["model"]), dtype=parse_dtype(config.dtype, platform),
-                         device=device)  # fmt: skip
-    runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
-                         guidance_rescale=config.guidance_rescale)  # fmt: skip
+    model = ModelRef(**job["model"])
+    try:
+        pipe = load_pipeline(model, dtype=parse_dtype(config.dtype, platform), device=device)
+        runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
+                             guidance_rescale=config.guidance_rescale)  # fmt: skip
+    except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
+        raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
     stats.load_s = time.perf_counter() - start
 
     manifest = open_manifest(config.manifest, check_ids=False)
@@ -140,7 +144,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     barrier()
     if rank == 0:  # a shard whose last finisher lost the commit race
         for shard in shards:
-            out.try_commit(shard, run_id, dims.dp_size, _num_samples(manifest, shard, defaults))
+            if not out.is_done(shard):
+                out.try_commit(shard, run_id, dims.dp_size, _num_samples(manifest, shard, defaults))
     stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if platform.name == "cuda":
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
@@ -182,13 +187,13 @@ def _generate(
 def main() -> None:
     """torchrun entry: ``python -m jobs.worker OUT RUN_ID``."""
     out_dir, run_id = sys.argv[1], sys.argv[2]
-    run_rank(
-        out_dir,
-        run_id,
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        local_rank=int(os.environ["LOCAL_RANK"]),
-    )
+    rank = int(os.environ["RANK"])
+    try:
+        run_rank(out_dir, run_id, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
+                 local_rank=int(os.environ["LOCAL_RANK"]))  # fmt: skip
+    except JobError as exc:
+        print(f"gen: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def concat_branches(branches: Sequence[Branch], batch: int) -> tuple[tuple[Any, 
 
     def cat_at(path_values: list[Any]) -> Any:
         head = path_values[0]
+        if all(v is head for v in path_values):  # shared by the branches, never split
+            return head
         if isinstance(head, torch.Tensor):
             if head.dim() > 0 and head.shape[0] == batch:
                 return torch.cat(path_values, dim=0)

@@ -125,6 +125,7 @@ def test_row_errors_do_not_stop_the_job(tmp_path: Path) -> None:
         (["{ok}", "--shard-size", "10", "--batch-size", "4"], "must be a positive multiple of --batch-size"),
         (["{ok}", "--gpus", "0"], "--gpus 0"),
         (["{ok}", "--height", "65"], "--height 65"),
+        (["{ok}", "--model", "{dir}"], "no model_index.json"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
