@@ -132,57 +132,64 @@ class OutputDir:
             return False
         os.close(fd)
         try:
-            infos = [json.loads(m.read_text()) for m in markers]
-            samples = _merge(sorted(work.glob("part-*.samples.parquet")), ["sample_id"])
-            samples = samples.sort_by([("row_index", "ascending"), ("image_index", "ascending")])
-            if samples.num_rows != expected_samples:
-                raise RuntimeError(
-                    f"{shard.name}: parts hold {samples.num_rows} samples, expected {expected_samples}"
-                )
-            ids = samples.column("sample_id")
-            step_parts = [
-                p for p in sorted(work.glob("part-*.steps.parquet"))
-                if p.with_name(p.name.replace(".steps.", ".samples.")).exists()
-            ]  # a steps part without its samples part is left from a crash: its samples re-ran
-            steps = _merge(step_parts, ["sample_id", "step_index"])
-            steps = steps.filter(pc.is_in(steps.column("sample_id"), value_set=ids))
-            order = {sid: i for i, sid in enumerate(ids.to_pylist())}
-            sample_order = [order[sid] for sid in steps.column("sample_id").to_pylist()]
-            steps = (
-                steps.append_column("_order", pa.array(sample_order, type=pa.int64()))
-                .sort_by([("_order", "ascending"), ("step_index", "ascending")])
-                .drop_columns(["_order"])
-            )
-            write_parquet(self.samples(shard), samples)
-            write_parquet(self.steps(shard), steps)
-            status = samples.column("status").to_pylist()
-            write_json(
-                self.done(shard),
-                {
-                    "shard": shard.index,
-                    "rows": [shard.start, shard.stop],
-                    "samples_ok": status.count("ok"),
-                    "samples_error": status.count("error"),
-                    "steps": steps.num_rows,
-                    "run_id": run_id,
-                    "start_wall": min((i["start_wall"] for i in infos if i["start_wall"]), default=None),
-                    "end_wall": max((i["end_wall"] for i in infos if i["end_wall"]), default=None),
-                    "committed_at": time.time(),
-                },
-            )
+            self._commit(shard, run_id, markers, expected_samples)
         except BaseException:
             (work / "commit.lock").unlink(missing_ok=True)  # let a later run commit
             raise
         shutil.rmtree(work, ignore_errors=True)
         return True
 
+    def _commit(self, shard: Shard, run_id: str, markers: list[Path], expected_samples: int) -> None:
+        """Merge the parts into the shard files and write the done marker (last)."""
+        work = self.work(shard)
+        infos = [json.loads(m.read_text()) for m in markers]
+        samples = _merge(sorted(work.glob("part-*.samples.parquet")), ["sample_id"], None)
+        samples = samples.sort_by([("row_index", "ascending"), ("image_index", "ascending")])
+        if samples.num_rows != expected_samples:
+            raise RuntimeError(
+                f"{shard.name}: parts hold {samples.num_rows} samples, expected {expected_samples}"
+            )
+        ids = samples.column("sample_id")
+        step_parts = [
+            p for p in sorted(work.glob("part-*.steps.parquet"))
+            if p.with_name(p.name.replace(".steps.", ".samples.")).exists()
+        ]  # a steps part without its samples part is left from a crash: its samples re-ran
+        steps = _merge(step_parts, ["sample_id", "step_index"], STEPS_SCHEMA)
+        steps = steps.filter(pc.is_in(steps.column("sample_id"), value_set=ids))
+        order = {sid: i for i, sid in enumerate(ids.to_pylist())}
+        sample_order = [order[sid] for sid in steps.column("sample_id").to_pylist()]
+        steps = (
+            steps.append_column("_order", pa.array(sample_order, type=pa.int64()))
+            .sort_by([("_order", "ascending"), ("step_index", "ascending")])
+            .drop_columns(["_order"])
+        )
+        write_parquet(self.samples(shard), samples)
+        write_parquet(self.steps(shard), steps)
+        status = samples.column("status").to_pylist()
+        write_json(
+            self.done(shard),
+            {
+                "shard": shard.index,
+                "rows": [shard.start, shard.stop],
+                "samples_ok": status.count("ok"),
+                "samples_error": status.count("error"),
+                "steps": steps.num_rows,
+                "run_id": run_id,
+                "start_wall": min((i["start_wall"] for i in infos if i["start_wall"]), default=None),
+                "end_wall": max((i["end_wall"] for i in infos if i["end_wall"]), default=None),
+                "committed_at": time.time(),
+            },
+        )
 
-def _merge(paths: Iterable[Path], key: list[str]) -> pa.Table:
+
+def _merge(paths: Iterable[Path], key: list[str], schema: pa.Schema | None) -> pa.Table:
     """Concatenate part files and keep the first row of each ``key`` (a sample or a step that
-    a re-run produced again after a crash between part writes)."""
+    a re-run produced again after a crash between part writes). No parts: an empty table of
+    ``schema`` (None: there must be parts)."""
     tables = [pq.read_table(p) for p in paths]
     if not tables:
-        return STEPS_SCHEMA.empty_table()
+        assert schema is not None, "no parts to merge"
+        return schema.empty_table()
     table = pa.concat_tables(tables, promote_options="default")
     keys = list(zip(*(table.column(c).to_pylist() for c in key)))
     first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())
