@@ -36,6 +36,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Job seed for rows without a `seed`.")
 @click.option("--shard-size", type=int, help="Rows per shard, a multiple of --batch-size [default: ~1000].")
 @click.option("--gpus", type=int, default=1, show_default=True, help="Ranks on this node (CPU ranks when there is no GPU).")
+@click.option("--cfg-parallel-size", type=int, help="Ranks per CFG group; --gpus = dp x this [default: 2 if --gpus is even and --guidance-scale > 1, else 1].")
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
 @click.option("--collective-timeout", "collective_timeout_s", type=float, default=300.0, show_default=True, help="Seconds before a stuck collective fails the run.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out directory that holds a different job.")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jobs.errors import JobError
+from parallel.dims import ParallelDims, default_cfg_size
 
 DEFAULT_SHARD_ROWS = 1000
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -44,6 +45,9 @@ class BatchConfig:
     """Manifest rows per shard, a multiple of batch_size; None = ~1000 rounded up to one."""
     gpus: int = 1
     """Ranks on this node (one per GPU; CPU ranks when there is no GPU), >= 1."""
+    cfg_parallel_size: int | None = None
+    """Ranks of a CFG group (sglang's --cfg-parallel-size); gpus = dp x cfg. None = 2 when gpus
+    is even and guidance_scale > 1, else 1 (resolved on construction)."""
     cfg_batching: bool = True
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
     collective_timeout_s: float = 300.0
@@ -74,6 +78,14 @@ class BatchConfig:
         need(self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1")
         need(0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2**63)")
         need(self.gpus >= 1, "--gpus", self.gpus, "must be >= 1")
+        if self.cfg_parallel_size is None:
+            k = default_cfg_size(self.gpus, guidance=self.guidance_scale > 1)
+            object.__setattr__(self, "cfg_parallel_size", k)
+        need(self.cfg_parallel_size >= 1, "--cfg-parallel-size", self.cfg_parallel_size, ">= 1")
+        try:
+            _ = self.dims
+        except ValueError as exc:
+            raise JobError(f"--gpus {self.gpus} --cfg-parallel-size {self.cfg_parallel_size}: {exc}") from None
         need(self.collective_timeout_s > 0, "--collective-timeout", self.collective_timeout_s, "> 0")
         if self.shard_size is None:
             rows = math.ceil(DEFAULT_SHARD_ROWS / self.batch_size) * self.batch_size
@@ -84,6 +96,11 @@ class BatchConfig:
                 f"--batch-size ({self.batch_size}), so that micro-batches, and therefore images, "
                 "do not depend on sharding"
             )
+
+    @property
+    def dims(self) -> ParallelDims:
+        """The rank grid: gpus = dp x cfg_parallel_size, cfg innermost."""
+        return ParallelDims(dp=-1, cfg=self.cfg_parallel_size or 1, world_size=self.gpus)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for job.json)."""

@@ -55,7 +55,20 @@ def _job_record(config: BatchConfig, manifest: Manifest, model: ModelRef, thread
             "fingerprint": manifest.fingerprint,
         },
         "num_shards": len(plan_shards(manifest.num_rows, config.shard_size or 1)),
+        "layout": _layout(config),
         "versions": _versions(),
+    }
+
+
+def _layout(config: BatchConfig) -> dict[str, Any]:
+    dims = config.dims
+    return {
+        "world_size": dims.world_size,
+        "dp": dims.dp_size,
+        "cfg": dims.cfg,
+        "cfg_groups": [dims.cfg_group(d) for d in range(dims.dp_size)],
+        "branch_rule": "branch i of a step runs on cfg rank i % cfg; sample j of a micro-batch "
+        "is decoded and written by cfg rank j % cfg",
     }
 
 
@@ -119,6 +132,7 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
         raise JobError(str(exc)) from None
     if platform.name == "cpu":
         echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
+    echo(f"layout: {config.dims.describe()}")
 
     record = _job_record(config, manifest, model, threads, platform.name)
     if overwrite:
@@ -157,6 +171,23 @@ def _torchrun(out: OutputDir, run_id: str, nproc: int, threads: int) -> None:
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise RunFailed(
-            f"a rank failed (exit {proc.returncode}; its error is above). Finished shards and "
-            "flushed samples are kept: re-run the same command to resume."
+            f"{_first_failure(out, proc.returncode)}. Finished shards and flushed samples are "
+            "kept: re-run the same command to resume."
         )
+
+
+def _first_failure(out: OutputDir, returncode: int) -> str:
+    """The root cause among the ranks' error reports: the earliest error that is not a broken
+    collective (those follow another rank's failure), else the earliest one."""
+    reports = []
+    for path in (out.root / ".gen" / "ranks").glob("rank-*.error.json"):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not reports:
+        return f"a rank failed (torchrun exit {returncode}; a rank killed by a signal leaves " \
+            "no report: see torchrun's report above)"
+    first = min(reports, key=lambda r: (r["collective"], r["time"]))
+    hint = " (a rank killed by a signal leaves no report: see torchrun's report above)"
+    return f"rank {first['rank']} failed: {first['error']}" + (hint if first["collective"] else "")

@@ -45,6 +45,8 @@ STEPS_SCHEMA = pa.schema(
         ("denoiser", pa.string()),
         ("uncond", pa.string()),
         ("step_s", pa.float64()),
+        # CFG layout: which rank of the sample's CFG group ran each branch, in branch order.
+        ("branches", pa.list_(pa.struct([("name", pa.string()), ("cfg_rank", pa.int32())]))),
     ]
 )
 
@@ -152,6 +154,7 @@ def steps_table(results: Sequence[SampleResult]) -> pa.Table:
             "denoiser": s.denoiser,
             "uncond": s.uncond,
             "step_s": s.step_s,
+            "branches": [{"name": n, "cfg_rank": k} for n, k in s.branches],
         }
         for r in results
         if r.image is not None

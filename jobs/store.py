@@ -5,8 +5,8 @@
     OUT/.gen/shards/shard-00000/     parts written by ranks while the shard is in flight
     OUT/.gen/progress/  OUT/.gen/ranks/   live progress and per-rank stats of the last run
 
-Each rank flushes finished samples as part files; when every dp rank of the run has marked its
-share of a shard finished, one of them (an O_EXCL lock decides) merges the parts into the shard
+Each rank flushes the samples it writes as part files; when every rank of the run has marked
+its share of a shard finished, one of them (an O_EXCL lock decides) merges the parts into the shard
 files, writes the done marker last, and removes the parts. A re-run skips shards with a done
 marker and samples already in parts.
 """
@@ -85,6 +85,9 @@ class OutputDir:
     def rank_stats(self, rank: int) -> Path:
         return self.root / ".gen" / "ranks" / f"rank-{rank:05d}.json"
 
+    def rank_error(self, rank: int) -> Path:
+        return self.root / ".gen" / "ranks" / f"rank-{rank:05d}.error.json"
+
     def is_done(self, shard: Shard) -> bool:
         return self.done(shard).exists()
 
@@ -100,19 +103,25 @@ class OutputDir:
         write_parquet(work / f"part-{tag}.steps.parquet", steps)
         write_parquet(work / f"part-{tag}.samples.parquet", samples)
 
-    def finished_sample_ids(self, shard: Shard) -> set[str]:
-        """Sample ids already flushed in parts of this shard (by any earlier or current run)."""
+    def finished_sample_ids(self, shard: Shard, run_id: str) -> set[str]:
+        """Sample ids flushed in parts of this shard by earlier runs.
+
+        Parts of the current run (tags start with ``run_id``) are left out, so every rank of a
+        CFG group, reading at slightly different times, sees the same set.
+        """
         ids: set[str] = set()
         for p in sorted(self.work(shard).glob("part-*.samples.parquet")):
+            if p.name.startswith(f"part-{run_id}-"):
+                continue
             ids.update(pq.read_table(p, columns=["sample_id"]).column("sample_id").to_pylist())
         return ids
 
-    def mark_rank_finished(self, shard: Shard, run_id: str, dp_rank: int, info: dict[str, Any]) -> None:
-        """Record that one dp rank of this run has flushed all of its share of the shard."""
-        write_json(self.work(shard) / f"finished-{run_id}-dp{dp_rank:05d}.json", info)
+    def mark_rank_finished(self, shard: Shard, run_id: str, rank: int, info: dict[str, Any]) -> None:
+        """Record that one rank of this run has flushed all of its share of the shard."""
+        write_json(self.work(shard) / f"finished-{run_id}-r{rank:05d}.json", info)
 
-    def try_commit(self, shard: Shard, run_id: str, dp_size: int, expected_samples: int) -> bool:
-        """Merge a shard's parts into its final files if every dp rank has finished it.
+    def try_commit(self, shard: Shard, run_id: str, world_size: int, expected_samples: int) -> bool:
+        """Merge a shard's parts into its final files if every rank of the run has finished it.
 
         Exactly one caller commits (O_EXCL lock). The merged samples are checked to hold each
         of the shard's samples exactly once before the done marker is written (last).
@@ -123,7 +132,7 @@ class OutputDir:
             RuntimeError: the parts do not hold exactly the expected samples.
         """
         work = self.work(shard)
-        markers = [work / f"finished-{run_id}-dp{r:05d}.json" for r in range(dp_size)]
+        markers = [work / f"finished-{run_id}-r{r:05d}.json" for r in range(world_size)]
         if self.is_done(shard) or not all(m.exists() for m in markers):
             return False
         try:

@@ -2,6 +2,10 @@
 
 Entry point for torchrun: ``python -m jobs.worker OUT RUN_ID`` (reads RANK, WORLD_SIZE,
 LOCAL_RANK). With one rank the launcher calls ``run_rank`` in its own process.
+
+Ranks form dp x cfg groups (ParallelDims). Micro-batches are dealt to dp groups; the ranks of a
+CFG group run each of their micro-batches together, and sample j of a micro-batch is decoded
+and written by group rank j % cfg, so every row is written exactly once.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from jobs.plan import deal, micro_batches, plan_shards
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
 from jobs.schema import samples_schema, samples_table, steps_table
 from jobs.store import OutputDir, write_json
-from parallel.dims import ParallelDims
-from parallel.group import barrier, close_ranks, init_ranks, record_errors
+from parallel.cfg_group import CollectiveError
+from parallel.group import barrier, cfg_group, close_ranks, init_ranks, record_errors
 from parallel.platform import detect_platform, parse_dtype
 from pipeline.generate import SampleResult, StageRunner
 from pipeline.loading import ModelRef, load_pipeline
@@ -34,6 +38,8 @@ class RankStats:
     """What one rank did in this run (OUT/.gen/ranks/rank-NNNNN.json)."""
 
     rank: int
+    dp_rank: int
+    cfg_rank: int
     device: str
     threads: int
     load_s: float = 0.0
@@ -76,23 +82,25 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     job = json.loads(out.job_json.read_text())
     config = BatchConfig.from_dict(job["config"])
     platform = detect_platform()
-    device = platform.device(local_rank)
+    device = platform.bind(local_rank)
     if platform.name == "cpu":
         torch.set_num_threads(job["threads_per_rank"])
-    elif platform.name == "cuda":
-        torch.cuda.set_device(device)
     init_ranks(rank=rank, world_size=world_size, platform=platform,
                timeout_s=config.collective_timeout_s)  # fmt: skip
-    dims = ParallelDims(dp=-1, cfg=1, world_size=world_size)
-    dp_rank, _ = dims.coords(rank)
-    stats = RankStats(rank=rank, device=str(device), threads=torch.get_num_threads())
+    dims = config.dims
+    if dims.world_size != world_size:
+        raise JobError(f"job.json plans {dims.world_size} ranks, but {world_size} were started")
+    dp_rank, cfg_rank = dims.coords(rank)
+    group = cfg_group(dims, rank, device=device, timeout_s=config.collective_timeout_s)
+    stats = RankStats(rank=rank, dp_rank=dp_rank, cfg_rank=cfg_rank, device=str(device),
+                      threads=torch.get_num_threads())  # fmt: skip
 
     start = time.perf_counter()
     model = ModelRef(**job["model"])
     try:
         pipe = load_pipeline(model, dtype=parse_dtype(config.dtype, platform), device=device)
         runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
-                             guidance_rescale=config.guidance_rescale)  # fmt: skip
+                             guidance_rescale=config.guidance_rescale, group=group)  # fmt: skip
     except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
         raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
     stats.load_s = time.perf_counter() - start
@@ -116,36 +124,37 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             continue
         rows = read_rows(manifest, shard.start, shard.stop)
         planned = plan_rows(rows, shard.start, defaults)
-        finished = out.finished_sample_ids(shard)
+        finished = out.finished_sample_ids(shard, run_id)
         mine = deal(micro_batches(planned, config.batch_size), dp_rank, dims.dp_size)
         first_wall, last_wall = None, None
         for part, batch in enumerate(mine):
             todo = [p for p in batch if p.request.sample_id not in finished]
-            stats.samples_skipped += len(batch) - len(todo)
-            if not todo:
-                progress.add(len(batch))
-                continue
-            results, span = _generate(runner, todo, stats)
-            if span is not None:
-                first_wall = first_wall or span[0]
-                last_wall = span[1]
-            ok = [r for r in results if r is not None]
-            out.write_part(
-                shard,
-                f"{run_id}-r{rank:05d}-{part:05d}",
-                samples_table(schema, todo, results, rows, shard.start),
-                steps_table(ok),
-            )
-            progress.add(len(batch))
-        out.mark_rank_finished(shard, run_id, dp_rank,
+            writes = {p.request.sample_id for j, p in enumerate(batch) if group.owner(j) == cfg_rank}
+            stats.samples_skipped += len(writes & finished)
+            if todo:
+                results, span = _generate(runner, todo, writes, stats)
+                if span is not None:
+                    first_wall = first_wall or span[0]
+                    last_wall = span[1]
+                own = [(p, r) for p, r in zip(todo, results) if p.request.sample_id in writes]
+                if own:
+                    out.write_part(
+                        shard,
+                        f"{run_id}-r{rank:05d}-{part:05d}",
+                        samples_table(schema, [p for p, _ in own], [r for _, r in own], rows,
+                                      shard.start),  # fmt: skip
+                        steps_table([r for _, r in own if r is not None]),
+                    )
+            progress.add(len(writes))
+        out.mark_rank_finished(shard, run_id, rank,
                                {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
-        out.try_commit(shard, run_id, dims.dp_size, len(planned))
+        out.try_commit(shard, run_id, world_size, len(planned))
     progress.add(0, force=True)
     barrier()
     if rank == 0:  # a shard whose last finisher lost the commit race
         for shard in shards:
             if not out.is_done(shard):
-                out.try_commit(shard, run_id, dims.dp_size, _num_samples(manifest, shard, defaults))
+                out.try_commit(shard, run_id, world_size, _num_samples(manifest, shard, defaults))
     stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if platform.name == "cuda":
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
@@ -160,27 +169,47 @@ def _num_samples(manifest, shard, defaults) -> int:  # noqa: ANN001
 
 
 def _generate(
-    runner: StageRunner, todo: list[PlannedSample], stats: RankStats
-) -> tuple[list[SampleResult | None], tuple[float, float] | None]:
+    runner: StageRunner, todo: list[PlannedSample], writes: set[str], stats: RankStats
+) -> tuple[list[SampleResult | None], tuple[float, float] | None]:  # fmt: skip
     """Results for ``todo`` in order (None for samples that failed planning checks), and the
-    wall-clock span (denoise start, decode end) of the generation, if anything was generated."""
+    wall-clock span (denoise start, decode end) of the generation, if anything was generated.
+
+    Every rank of the CFG group calls this with the same ``todo``; this rank decodes only the
+    samples in ``writes`` (the rows it writes) and counts only those in ``stats``.
+    """
     gen = [p for p in todo if p.error is None]
     by_id: dict[str, SampleResult] = {}
     span = None
     if gen:
-        output = runner.run([p.request for p in gen])
+        output = runner.run(
+            [p.request for p in gen], decode=[p.request.sample_id in writes for p in gen]
+        )
         span = (output.start_wall, output.end_wall)
         if stats.first_denoise_wall is None:
             stats.first_denoise_wall = output.start_wall
         stats.last_decode_wall = output.end_wall
         by_id = {r.request.sample_id: r for r in output.results}
     results = [by_id.get(p.request.sample_id) for p in todo]
-    for r in results:
+    for p, r in zip(todo, results):
+        if p.request.sample_id not in writes:
+            continue
         if r is not None and r.error is None:
             stats.samples_ok += 1
         else:
             stats.samples_error += 1
     return results, span
+
+
+def report_failure(out: OutputDir, rank: int, exc: BaseException, *, collective: bool) -> None:
+    """Leave this rank's error where the launcher reads it (OUT/.gen/ranks/rank-N.error.json).
+
+    ``collective``: the error is a broken group (likely a consequence of another rank's
+    failure), so the launcher prefers other ranks' errors as the cause.
+    """
+    message = str(exc) if isinstance(exc, (JobError, CollectiveError)) else f"{type(exc).__name__}: {exc}"
+    write_json(out.rank_error(rank),
+               {"rank": rank, "error": message, "collective": collective, "time": time.time()})  # fmt: skip
+    print(f"gen: rank {rank}: error: {message}", file=sys.stderr, flush=True)
 
 
 @record_errors
@@ -192,8 +221,14 @@ def main() -> None:
         run_rank(out_dir, run_id, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
                  local_rank=int(os.environ["LOCAL_RANK"]))  # fmt: skip
     except JobError as exc:
-        print(f"gen: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+        report_failure(OutputDir(out_dir), rank, exc, collective=False)
         sys.exit(2)
+    except CollectiveError as exc:
+        report_failure(OutputDir(out_dir), rank, exc, collective=True)
+        sys.exit(3)
+    except Exception as exc:
+        report_failure(OutputDir(out_dir), rank, exc, collective=False)
+        raise  # torchrun's recorder shows the traceback
 
 
 if __name__ == "__main__":

@@ -32,11 +32,20 @@ class ParallelDims:
             raise ValueError(f"world size must be >= 1, got {self.world_size}")
         if self.cfg < 1:
             raise ValueError(f"cfg must be >= 1, got {self.cfg}")
-        dp = self.world_size // self.cfg if self.dp == -1 else self.dp
-        if dp < 1 or dp * self.cfg != self.world_size:
-            raise ValueError(
-                f"dp({self.dp}) * cfg({self.cfg}) != world size ({self.world_size})"
-            )
+        if self.dp == -1:
+            if self.world_size % self.cfg:
+                raise ValueError(
+                    f"dp * cfg must equal {self.world_size} (the world size), but cfg "
+                    f"{self.cfg} does not divide {self.world_size}"
+                )
+            dp = self.world_size // self.cfg
+        else:
+            dp = self.dp
+            if dp < 1 or dp * self.cfg != self.world_size:
+                raise ValueError(
+                    f"dp * cfg must equal {self.world_size} (the world size), but dp {dp} * "
+                    f"cfg {self.cfg} = {dp * self.cfg}"
+                )
         object.__setattr__(self, "_dp", dp)
 
     @property
@@ -57,3 +66,19 @@ class ParallelDims:
     def cfg_group(self, dp_rank: int) -> list[int]:
         """Global ranks of the CFG group of one dp rank, in cfg_rank order."""
         return [dp_rank * self.cfg + c for c in range(self.cfg)]
+
+    def describe(self) -> str:
+        """One line for logs: ``4 ranks = dp 2 x cfg 2; CFG groups [0, 1] [2, 3]``."""
+        head = f"{self.world_size} rank(s) = dp {self.dp_size} x cfg {self.cfg}"
+        if self.cfg == 1:
+            return head + " (no CFG parallelism)"
+        groups = " ".join(str(self.cfg_group(d)) for d in range(self.dp_size))
+        return f"{head}; CFG groups {groups}"
+
+
+def default_cfg_size(world_size: int, *, guidance: bool) -> int:
+    """Default CFG-parallel size: 2 when the world is even and the job uses guidance, else 1.
+
+    Two branches (cond, uncond) fill a group of 2; a job without guidance has one branch.
+    """
+    return 2 if guidance and world_size % 2 == 0 else 1

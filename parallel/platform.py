@@ -44,6 +44,22 @@ class Platform:
             )
         return torch.device(self.name, local_rank)
 
+    def bind(self, local_rank: int) -> torch.device:
+        """Pin this process to the device of ``local_rank`` and return it.
+
+        Sets the current CUDA / NPU device (NCCL and HCCL collectives, and
+        ``all_gather_object``, use it); on cpu there is nothing to pin.
+
+        Raises:
+            ValueError: local_rank >= the number of visible devices.
+        """
+        device = self.device(local_rank)
+        if self.name == "cuda":
+            torch.cuda.set_device(device)
+        elif self.name == "npu":
+            torch.npu.set_device(device)  # type: ignore[attr-defined]
+        return device
+
     @property
     def default_dtype(self) -> torch.dtype:
         """bfloat16 on accelerators, float32 on cpu (bf16 matmuls are slow on most CPUs)."""

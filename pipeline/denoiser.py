@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.utils import BaseOutput
 
-from parallel.branches import SerialBranchExecutor, split_branches
+from parallel.branches import CfgParallelExecutor, SerialBranchExecutor, split_branches
 from pipeline.families import CfgConvention
+
+Executor = SerialBranchExecutor | CfgParallelExecutor
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,17 @@ class StepRecord:
     uncond: str
     """"fresh" (computed this step), "reused" (from a cached delta) or "none" (no guidance)."""
     step_s: float
-    """Wall seconds in the denoiser for this step: every branch forward on this rank."""
+    """Wall seconds in the denoiser for this step on this rank: its branch forwards and, under
+    CFG parallelism, the gather of the other ranks' predictions."""
+    branches: tuple[tuple[str, int], ...] = ()
+    """(branch name, CFG-group rank that ran it), in the pipeline's branch order."""
+
+
+@dataclass
+class DenoiserOutput(BaseOutput):
+    """Output of a denoiser call on a rank that ran none of its branches (return_dict=True)."""
+
+    sample: torch.Tensor
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -44,8 +57,14 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     raise TypeError("denoiser called without a tensor argument")
 
 
-def _rebuild(template: Any, prediction: torch.Tensor) -> Any:
-    """The module's own output type (tuple or diffusers BaseOutput) holding ``prediction``."""
+def _rebuild(template: Any, prediction: torch.Tensor, return_dict: bool) -> Any:
+    """The module's own output type (tuple or diffusers BaseOutput) holding ``prediction``.
+
+    ``template`` is None on a CFG rank that ran no branch this step: diffusers' convention
+    (a 1-tuple, or an output whose first field is the sample) is rebuilt from ``return_dict``.
+    """
+    if template is None:
+        return DenoiserOutput(sample=prediction) if return_dict else (prediction,)
     if isinstance(template, torch.Tensor):
         return prediction
     if isinstance(template, tuple):
@@ -66,10 +85,10 @@ class DenoiserHook:
     Args:
         pipe: the diffusers pipeline.
         convention: its CFG calling convention.
-        executor: runs a step's branches (serial now; CFG-parallel later).
+        executor: runs a step's branches (on this rank, or across its CFG group).
     """
 
-    def __init__(self, pipe: Any, convention: CfgConvention, executor: SerialBranchExecutor) -> None:
+    def __init__(self, pipe: Any, convention: CfgConvention, executor: Executor) -> None:
         if not convention.batched:
             raise NotImplementedError("two-call CFG pipelines are not supported yet")
         self.pipe = pipe
@@ -123,7 +142,11 @@ class DenoiserHook:
 
             branches = split_branches(names, args, kwargs, total)
             predictions = self.executor.run(branches, run, batch)
-            result = _rebuild(template[0], torch.cat(predictions, dim=0))
+            result = _rebuild(
+                template[0] if template else None,
+                torch.cat(predictions, dim=0),
+                kwargs.get("return_dict", True),
+            )
             timestep = args[1] if len(args) > 1 else kwargs.get("timestep", 0)
             records.append(
                 StepRecord(
@@ -132,6 +155,7 @@ class DenoiserHook:
                     denoiser=name,
                     uncond="fresh" if guidance else "none",
                     step_s=time.perf_counter() - start,
+                    branches=tuple(zip(names, self.executor.ranks_for(len(names)))),
                 )
             )
             return result

@@ -4,6 +4,14 @@ A micro-batch shares height, width, num_inference_steps and guidance_scale (the 
 them per call). Each image has its own torch.Generator (on the CPU, so the initial noise does not
 depend on the device). A micro-batch that raises is retried image by image, so only the images
 that fail become error rows.
+
+Under CFG parallelism every rank of the group runs encode + denoise of the same micro-batch in
+lockstep (same generators, so the same latents; the scheduler steps on identical predictions),
+and the decode is split: image i is decoded by group rank i % K, which also writes its row.
+Images are decoded one at a time (diffusers' VAE slicing), so an image's bytes do not depend on
+K or on its batch mates at decode, and a decode failure costs only that image. Text encoding is
+not split: it is ~0.2% of a micro-batch (see the closing note of issue 3) and splitting it would
+make embeddings depend on K.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from typing import Any
 
 import torch
 
-from parallel.branches import SerialBranchExecutor
+from parallel.branches import CfgParallelExecutor, SerialBranchExecutor
+from parallel.cfg_group import CfgGroup, CollectiveError
 from pipeline.denoiser import DenoiserHook, StepRecord
 from pipeline.families import family_for
 
@@ -47,7 +56,7 @@ class SampleResult:
 
     request: SampleRequest
     image: Any = None
-    """PIL image, or None on error."""
+    """PIL image; None on error, or when another rank of the CFG group decodes it."""
     error: str | None = None
     steps: list[StepRecord] = field(default_factory=list)
     denoise_s: float = 0.0
@@ -70,81 +79,99 @@ class StageRunner:
 
     Args:
         pipe: a loaded diffusers pipeline of a supported family.
-        cfg_batching: run the CFG branches as one concatenated forward (True) or one forward
-            per branch (False).
+        cfg_batching: run a rank's CFG branches as one concatenated forward (True) or one
+            forward per branch (False).
         guidance_rescale: diffusers' guidance_rescale in [0, 1].
+        group: this rank's CFG group; None or size 1 runs every branch here.
     Raises:
         UnsupportedPipelineError: the pipeline class is not supported.
     """
 
-    def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float) -> None:
+    def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float,
+                 group: CfgGroup | None = None) -> None:  # fmt: skip
         self.family = family_for(pipe)
-        self.hook = DenoiserHook(
-            pipe, self.family.convention, SerialBranchExecutor(batched=cfg_batching)
+        self.group = group or CfgGroup(None)
+        executor = (
+            CfgParallelExecutor(self.group, batched=cfg_batching)
+            if self.group.size > 1
+            else SerialBranchExecutor(batched=cfg_batching)
         )
+        self.hook = DenoiserHook(pipe, self.family.convention, executor)
         self.guidance_rescale = guidance_rescale
 
-    def run(self, requests: Sequence[SampleRequest]) -> BatchOutput:
+    def run(self, requests: Sequence[SampleRequest], decode: Sequence[bool] | None = None) -> BatchOutput:
         """Generate a micro-batch; never raises for a per-sample failure.
+
+        Every rank of the CFG group must call it with the same requests.
 
         Args:
             requests: B >= 1 requests with equal ``batch_key``.
+            decode: per request, whether this rank decodes it (default: all). Others come back
+                with image None and no error.
         Returns:
             B results in request order.
+        Raises:
+            CollectiveError: the CFG group is broken (a rank died or hung); not a sample error.
         """
         keys = {r.batch_key for r in requests}
         assert len(keys) == 1, f"micro-batch mixes generation settings: {keys}"
+        decode = list(decode) if decode is not None else [True] * len(requests)
         start = time.time()
         try:
-            results = self._run(requests)
+            results = self._run(requests, decode)
+        except CollectiveError:
+            raise
         except Exception as exc:  # noqa: BLE001 - becomes error rows
             if len(requests) == 1:
                 results = [SampleResult(requests[0], error=f"{type(exc).__name__}: {exc}")]
-            else:
-                results = [r for req in requests for r in self._retry_one(req)]
+            else:  # the whole group takes this path: GroupAborted is raised on every rank
+                results = [
+                    r for req, mine in zip(requests, decode) for r in self._retry_one(req, mine)
+                ]
         return BatchOutput(results, start, time.time())
 
-    def _retry_one(self, request: SampleRequest) -> list[SampleResult]:
+    def _retry_one(self, request: SampleRequest, decode: bool) -> list[SampleResult]:
         try:
-            return self._run([request])
+            return self._run([request], [decode])
+        except CollectiveError:
+            raise
         except Exception as exc:  # noqa: BLE001
             return [SampleResult(request, error=f"{type(exc).__name__}: {exc}")]
 
     @torch.inference_mode()
-    def _run(self, requests: Sequence[SampleRequest]) -> list[SampleResult]:
+    def _run(self, requests: Sequence[SampleRequest], decode: Sequence[bool]) -> list[SampleResult]:
         first = requests[0]
         guidance = first.guidance_scale > 1.0
-        # Encode each distinct (prompt, negative) once; images of one prompt share it.
-        pairs = list(dict.fromkeys((r.prompt, r.negative_prompt) for r in requests))
-        cond = self.family.encode(
-            [p for p, _ in pairs], [n for _, n in pairs], guidance=guidance
-        ).select([pairs.index((r.prompt, r.negative_prompt)) for r in requests])
+        with self.group.lockstep():
+            # Encode each distinct (prompt, negative) once; images of one prompt share it.
+            pairs = list(dict.fromkeys((r.prompt, r.negative_prompt) for r in requests))
+            cond = self.family.encode(
+                [p for p, _ in pairs], [n for _, n in pairs], guidance=guidance
+            ).select([pairs.index((r.prompt, r.negative_prompt)) for r in requests])
 
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        start = time.perf_counter()
-        with self.hook.intercept(batch=len(requests), guidance=guidance) as steps:
-            latents = self.family.denoise(
-                cond,
-                generators,
-                height=first.height,
-                width=first.width,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                guidance_rescale=self.guidance_rescale,
-            )
-        denoise_s = time.perf_counter() - start
+            generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+            start = time.perf_counter()
+            with self.hook.intercept(batch=len(requests), guidance=guidance) as steps:
+                latents = self.family.denoise(
+                    cond,
+                    generators,
+                    height=first.height,
+                    width=first.width,
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    guidance_rescale=self.guidance_rescale,
+                )
+            denoise_s = time.perf_counter() - start
 
-        finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
-        keep = [i for i, ok in enumerate(finite) if ok]
-        images = self.family.decode(latents[keep]) if keep else []
-        by_index = dict(zip(keep, images))
-        return [
-            SampleResult(
-                request,
-                image=by_index.get(i),
-                error=None if i in by_index else "non-finite latents after denoising",
-                steps=list(steps),
-                denoise_s=denoise_s,
-            )
-            for i, request in enumerate(requests)
-        ]
+        results = []
+        for i, request in enumerate(requests):
+            result = SampleResult(request, steps=list(steps), denoise_s=denoise_s)
+            if not torch.isfinite(latents[i]).all():
+                result.error = "non-finite latents after denoising"
+            elif decode[i]:
+                try:  # one image per VAE call (diffusers' VAE slicing)
+                    result.image = self.family.decode(latents[i : i + 1])[0]
+                except Exception as exc:  # noqa: BLE001 - only this image is lost
+                    result.error = f"decode: {type(exc).__name__}: {exc}"
+            results.append(result)
+        return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.dims import ParallelDims
+from parallel.dims import ParallelDims, default_cfg_size
 
 
 def test_dp_resolved_from_world_size() -> None:
@@ -31,7 +31,28 @@ def test_cfg_default_is_one() -> None:
 def test_mismatch_message() -> None:
     with pytest.raises(ValueError) as info:
         ParallelDims(dp=3, cfg=2, world_size=8)
-    assert str(info.value) == "dp(3) * cfg(2) != world size (8)"
+    assert str(info.value) == "dp * cfg must equal 8 (the world size), but dp 3 * cfg 2 = 6"
+
+
+def test_indivisible_world_message() -> None:
+    with pytest.raises(ValueError) as info:
+        ParallelDims(dp=-1, cfg=2, world_size=3)
+    assert str(info.value) == "dp * cfg must equal 3 (the world size), but cfg 2 does not divide 3"
+
+
+@pytest.mark.parametrize(
+    ("world_size", "guidance", "expected"),
+    [(1, True, 1), (2, True, 2), (3, True, 1), (4, True, 2), (8, True, 2), (2, False, 1), (4, False, 1)],
+)
+def test_default_cfg_size(world_size: int, guidance: bool, expected: int) -> None:
+    assert default_cfg_size(world_size, guidance=guidance) == expected
+
+
+def test_describe() -> None:
+    assert ParallelDims(dp=-1, cfg=2, world_size=4).describe() == (
+        "4 rank(s) = dp 2 x cfg 2; CFG groups [0, 1] [2, 3]"
+    )
+    assert ParallelDims(dp=-1, world_size=2).describe() == "2 rank(s) = dp 2 x cfg 1 (no CFG parallelism)"
 
 
 @pytest.mark.parametrize(

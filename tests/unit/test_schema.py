@@ -37,8 +37,10 @@ def _rows() -> pa.Table:
 
 def _steps(*unconds: str) -> list[StepRecord]:
     return [
-        StepRecord(i, 900.0 - 100 * i, "unet", u, 0.01 * (i + 1)) for i, u in enumerate(unconds)
-    ]
+        StepRecord(i, 900.0 - 100 * i, "unet", u, 0.01 * (i + 1),
+                   (("uncond", 0), ("cond", 1)) if u == "fresh" else (("cond", 0),))
+        for i, u in enumerate(unconds)
+    ]  # fmt: skip
 
 
 def _image(p: PlannedSample, color: tuple[int, int, int] = (10, 20, 30)) -> Image.Image:
@@ -171,13 +173,15 @@ def test_steps_table() -> None:
     failed = SampleResult(_request("c-0"), error="boom", steps=_steps("fresh", "fresh"))
     table = steps_table([ok, failed, ok2])
     assert table.schema == STEPS_SCHEMA
+    both = [{"name": "uncond", "cfg_rank": 0}, {"name": "cond", "cfg_rank": 1}]
     assert table.to_pylist() == [
         {"sample_id": "a-0", "step_index": 0, "timestep": 900.0, "denoiser": "unet",
-         "uncond": "fresh", "step_s": pytest.approx(0.01)},
+         "uncond": "fresh", "step_s": pytest.approx(0.01), "branches": both},
         {"sample_id": "a-0", "step_index": 1, "timestep": 800.0, "denoiser": "unet",
-         "uncond": "fresh", "step_s": pytest.approx(0.02)},
+         "uncond": "fresh", "step_s": pytest.approx(0.02), "branches": both},
         {"sample_id": "b-0", "step_index": 0, "timestep": 900.0, "denoiser": "unet",
-         "uncond": "none", "step_s": pytest.approx(0.01)},
+         "uncond": "none", "step_s": pytest.approx(0.01),
+         "branches": [{"name": "cond", "cfg_rank": 0}]},
     ]  # fmt: skip
 
 

@@ -33,7 +33,8 @@ def _samples(*keys: tuple[int, int], status: str = "ok") -> pa.Table:
 def _steps(*keys: tuple[int, int], n: int = 2) -> pa.Table:
     rows = [
         {"sample_id": f"{r:09d}-{i}", "step_index": s, "timestep": float(900 - s),
-         "denoiser": "unet", "uncond": "fresh", "step_s": 0.1}
+         "denoiser": "unet", "uncond": "fresh", "step_s": 0.1,
+         "branches": [{"name": "uncond", "cfg_rank": 0}, {"name": "cond", "cfg_rank": 0}]}
         for r, i in keys
         for s in range(n)
     ]  # fmt: skip
@@ -64,12 +65,21 @@ def test_write_atomic_and_json(tmp_path: Path) -> None:
 
 def test_finished_sample_ids(tmp_path: Path) -> None:
     out = OutputDir(tmp_path)
-    assert out.finished_sample_ids(SHARD) == set()
-    _part(out, "r0-0", (30, 0), (31, 0))
-    assert out.finished_sample_ids(SHARD) == {"000000030-0", "000000031-0"}
-    _part(out, "r1-0", (32, 0), (31, 0))
-    assert out.finished_sample_ids(SHARD) == {"000000030-0", "000000031-0", "000000032-0"}
-    assert out.finished_sample_ids(Shard(4, 33, 36)) == set()
+    assert out.finished_sample_ids(SHARD, "now") == set()
+    _part(out, "old-r0-0", (30, 0), (31, 0))
+    assert out.finished_sample_ids(SHARD, "now") == {"000000030-0", "000000031-0"}
+    _part(out, "old-r1-0", (32, 0), (31, 0))
+    assert out.finished_sample_ids(SHARD, "now") == {"000000030-0", "000000031-0", "000000032-0"}
+    assert out.finished_sample_ids(Shard(4, 33, 36), "now") == set()
+
+
+def test_finished_sample_ids_leave_out_the_current_run(tmp_path: Path) -> None:
+    """Ranks of one CFG group read at different times; the current run's parts never count."""
+    out = OutputDir(tmp_path)
+    _part(out, "old-r0-0", (30, 0))
+    _part(out, "now-r1-0", (31, 0))
+    assert out.finished_sample_ids(SHARD, "now") == {"000000030-0"}
+    assert out.finished_sample_ids(SHARD, "later") == {"000000030-0", "000000031-0"}
 
 
 def test_commit_waits_for_every_rank_then_once(tmp_path: Path) -> None:
@@ -155,7 +165,7 @@ def test_orphan_steps_part_not_duplicated(tmp_path: Path) -> None:
     _part(out, "run1-a", (30, 0))
     work = out.work(SHARD)
     pq.write_table(_steps((31, 0)), work / "part-run1-b.steps.parquet")  # samples never written
-    assert out.finished_sample_ids(SHARD) == {"000000030-0"}
+    assert out.finished_sample_ids(SHARD, "run2") == {"000000030-0"}
     _part(out, "run2-a", (31, 0))
     out.mark_rank_finished(SHARD, "run2", 0, INFO)
     assert out.try_commit(SHARD, "run2", 1, 2)
@@ -182,7 +192,7 @@ def test_wrong_count_raises_without_done_marker(tmp_path: Path) -> None:
     assert not out.is_done(SHARD)
     assert not out.done(SHARD).exists()
     assert not out.samples(SHARD).exists()
-    assert out.finished_sample_ids(SHARD) == {"000000030-0", "000000031-0"}  # parts kept
+    assert out.finished_sample_ids(SHARD, "run2") == {"000000030-0", "000000031-0"}  # parts kept
 
 
 def test_rerun_after_failed_commit_commits(tmp_path: Path) -> None:

@@ -1,0 +1,155 @@
+"""A CFG group: the ranks that split one micro-batch's guidance branches, kept in lockstep.
+
+Every rank of a group runs the same pipeline call on the same inputs, so the group must take
+the same path through it, including when a rank fails. Two rules keep it so:
+
+- ``agree(error)`` is the group's only control exchange: every rank says whether it failed
+  since the last one. If any did, every rank raises ``GroupAborted`` with the first failing
+  rank's message at the same point, so a per-sample retry starts in step on every rank.
+- A collective that itself fails or times out (a rank died or hung) raises ``CollectiveError``,
+  which is not a per-sample error: the run stops, within ``--collective-timeout`` seconds.
+
+Exchanges carry a sequence number, so ranks that fell out of step fail loudly instead of
+pairing the wrong messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a rank of the group died, hung or fell out of step."""
+
+
+class GroupAborted(RuntimeError):
+    """A rank of the CFG group failed in this pipeline call; raised on every rank alike.
+
+    Attributes:
+        cfg_rank: the first failing rank (position in the group).
+        reason: that rank's error, ``"Type: message"``.
+    """
+
+    def __init__(self, cfg_rank: int, reason: str) -> None:
+        super().__init__(reason if cfg_rank == -1 else f"cfg rank {cfg_rank}: {reason}")
+        self.cfg_rank = cfg_rank
+        self.reason = reason
+
+
+class Transport(Protocol):
+    """All-gather within one group. Implemented on torch.distributed by ``parallel.group``."""
+
+    size: int
+    rank: int
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Each rank's ``tensor`` (equal shapes and dtypes), in rank order."""
+        ...
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Each rank's picklable ``obj``, in rank order."""
+        ...
+
+
+# Header of an exchange: [sequence, failed, *payload]; payload is PAYLOAD ints.
+PAYLOAD = 12
+
+
+class CfgGroup:
+    """This rank's view of its CFG group.
+
+    Args:
+        transport: collectives over the group's ranks, or None for a group of one (no
+            collectives at all).
+        device: where exchange tensors live (the rank's device: NCCL / HCCL need it there).
+
+    Example::
+
+        group = CfgGroup(None)            # cfg = 1
+        group.size, group.rank            # -> (1, 0)
+    """
+
+    def __init__(self, transport: Transport | None, device: torch.device | None = None) -> None:
+        self.transport = transport
+        self.size = transport.size if transport else 1
+        self.rank = transport.rank if transport else 0
+        self.device = device or torch.device("cpu")
+        self._seq = 0
+
+    def owner(self, index: int) -> int:
+        """Rank of the group that owns item ``index`` (a branch, a decoded image): round-robin."""
+        return index % self.size
+
+    def agree(self, error: str | None, payload: Sequence[int] = ()) -> list[list[int]]:
+        """Exchange status (and up to PAYLOAD small ints) with every rank of the group.
+
+        Args:
+            error: this rank's failure since the last exchange, "Type: message", or None.
+            payload: ints to share (shapes, dtype codes), at most PAYLOAD.
+        Returns:
+            Every rank's payload (padded with zeros), in rank order.
+        Raises:
+            GroupAborted: some rank reported an error (the first one's message).
+            CollectiveError: the exchange failed, timed out, or the ranks are out of step.
+        """
+        if self.transport is None:
+            if error is not None:
+                raise GroupAborted(-1, error)
+            return [list(payload) + [0] * (PAYLOAD - len(payload))]
+        if len(payload) > PAYLOAD:
+            raise ValueError(f"payload of {len(payload)} ints exceeds {PAYLOAD}")
+        self._seq += 1
+        header = [self._seq, int(error is not None), *payload] + [0] * (PAYLOAD - len(payload))
+        rows = [
+            t.tolist()
+            for t in self.transport.all_gather(
+                torch.tensor(header, dtype=torch.int64, device=self.device)
+            )
+        ]
+        if any(r[0] != self._seq for r in rows):
+            raise CollectiveError(
+                f"CFG group out of step: exchange numbers {[r[0] for r in rows]} differ"
+            )
+        failed = [i for i, r in enumerate(rows) if r[1]]
+        if failed:
+            reasons = self.transport.all_gather_object(error)
+            raise GroupAborted(failed[0], str(reasons[failed[0]]))
+        return [r[2:] for r in rows]
+
+    @contextmanager
+    def lockstep(self) -> Iterator[None]:
+        """Span of work the whole group does together (encode + denoise of one micro-batch).
+
+        An exception on this rank is announced to the group and comes out as GroupAborted on
+        every rank; leaving the block normally checks that no other rank failed in it.
+
+        Raises:
+            GroupAborted: this or another rank failed inside the block.
+            CollectiveError: see ``agree``.
+        """
+        if self.transport is None:
+            yield
+            return
+        try:
+            yield
+        except (GroupAborted, CollectiveError):
+            raise  # already agreed, or the group is broken
+        except Exception as exc:  # noqa: BLE001 - announced, then raised on every rank
+            self.agree(f"{type(exc).__name__}: {exc}")
+            raise AssertionError("agree() returned after a reported error") from exc
+        self.agree(None)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Bit-exact all-gather of equal-shaped tensors of any dtype (sent as bytes).
+
+        Raises:
+            CollectiveError: see ``agree``.
+        """
+        if self.transport is None:
+            return [tensor]
+        flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+        return [t.view(tensor.dtype).reshape(tensor.shape) for t in self.transport.all_gather(flat)]
