@@ -189,5 +189,6 @@ def _first_failure(out: OutputDir, returncode: int) -> str:
         return f"a rank failed (torchrun exit {returncode}; a rank killed by a signal leaves " \
             "no report: see torchrun's report above)"
     first = min(reports, key=lambda r: (r["collective"], r["time"]))
-    hint = " (a rank killed by a signal leaves no report: see torchrun's report above)"
+    hint = (" (a broken group follows another rank's failure; a rank that died or hung leaves "
+            "no report of its own: see torchrun's report above)")  # fmt: skip
     return f"rank {first['rank']} failed: {first['error']}" + (hint if first["collective"] else "")

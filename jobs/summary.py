@@ -21,7 +21,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         denoising step), images_per_s (ok images of this run / generate_wall_s); per-rank peaks.
     """
     markers = out.done_markers()
-    ranks = [json.loads(p.read_text()) for p in sorted((out.root / ".gen" / "ranks").glob("*.json"))]
+    ranks = [json.loads(p.read_text()) for p in sorted((out.root / ".gen" / "ranks").glob("rank-[0-9]*[0-9].json"))]
     starts = [r["first_denoise_wall"] for r in ranks if r["first_denoise_wall"]]
     ends = [r["last_decode_wall"] for r in ranks if r["last_decode_wall"]]
     generate_wall_s = max(ends) - min(starts) if starts and ends else 0.0
@@ -38,7 +38,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "run_samples_error": sum(r["samples_error"] for r in ranks),
         "run_samples_skipped": sum(r["samples_skipped"] for r in ranks),
         "ranks": [
-            {k: r[k] for k in ("rank", "device", "threads", "load_s", "samples_ok",
+            {k: r[k] for k in ("rank", "dp_rank", "cfg_rank", "device", "threads", "load_s", "samples_ok",
                                "samples_error", "peak_rss_bytes", "peak_device_bytes")}
             for r in ranks
         ],  # fmt: skip

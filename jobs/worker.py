@@ -28,7 +28,7 @@ from jobs.schema import samples_schema, samples_table, steps_table
 from jobs.store import OutputDir, write_json
 from parallel.cfg_group import CollectiveError
 from parallel.group import barrier, cfg_group, close_ranks, init_ranks, record_errors
-from parallel.platform import detect_platform, parse_dtype
+from parallel.platform import detect_platform, parse_dtype, pin_cpu_rank
 from pipeline.generate import SampleResult, StageRunner
 from pipeline.loading import ModelRef, load_pipeline
 
@@ -85,6 +85,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     device = platform.bind(local_rank)
     if platform.name == "cpu":
         torch.set_num_threads(job["threads_per_rank"])
+        pin_cpu_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                     job["threads_per_rank"])  # fmt: skip
     init_ranks(rank=rank, world_size=world_size, platform=platform,
                timeout_s=config.collective_timeout_s)  # fmt: skip
     dims = config.dims

@@ -123,3 +123,32 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def cpu_cores_for(local_rank: int, local_world_size: int, threads: int, allowed: list[int]) -> list[int] | None:
+    """The cores a CPU rank is pinned to: its own slice of ``threads`` cores, so that ranks do
+    not migrate onto each other's cores (one of two ranks sharing a core runs at half speed).
+
+    Args:
+        local_rank, local_world_size: the rank's place on this node.
+        threads: threads per rank.
+        allowed: cores this process may use, sorted (``sorted(os.sched_getaffinity(0))``).
+    Returns:
+        ``allowed[local_rank * threads : (local_rank + 1) * threads]``, or None (do not pin)
+        when the ranks' threads do not fit on the allowed cores.
+    """
+    if local_world_size * threads > len(allowed):
+        return None
+    return allowed[local_rank * threads : (local_rank + 1) * threads]
+
+
+def pin_cpu_rank(local_rank: int, local_world_size: int, threads: int) -> list[int] | None:
+    """Pin this process to its cores (see ``cpu_cores_for``); returns them, or None if it did not."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    cores = cpu_cores_for(local_rank, local_world_size, threads, allowed)
+    if cores is not None and local_world_size > 1:
+        os.sched_setaffinity(0, cores)
+    return cores

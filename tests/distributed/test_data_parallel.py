@@ -14,7 +14,7 @@ from jobs.launch import run_batch
 
 def _run(manifest: Path, out: Path, gpus: int, **kw: object) -> dict:
     config = BatchConfig(manifest=str(manifest), out=str(out), gpus=gpus, num_inference_steps=3,
-                         batch_size=2, shard_size=8, **kw)  # type: ignore[arg-type]  # fmt: skip
+                         batch_size=2, shard_size=8, cfg_parallel_size=1, **kw)  # type: ignore[arg-type]  # fmt: skip
     return run_batch(config, echo=lambda _: None)
 
 

@@ -18,15 +18,17 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def outs(parti64: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same job three ways: --gpus 2 / shard 8, --gpus 2 / shard 64, --gpus 1 / shard 64."""
+    """The same job three ways: --gpus 2 / shard 8, --gpus 2 / shard 64, --gpus 1 / shard 64,
+    data parallel only (CFG-parallel runs are in tests/distributed/test_cfg_parallel_cli.py)."""
     base = tmp_path_factory.mktemp("e2e")
     runs = {"g2s8": ("2", "8"), "g2s64": ("2", "64"), "g1s64": ("1", "64")}
     for name, (gpus, shard) in runs.items():
         proc = run_gen("batch", str(parti64), "--out", str(base / name), "--gpus", gpus,
-                       "--shard-size", shard, "--steps", str(STEPS), "--height", "64",
+                       "--cfg-parallel-size", "1", "--shard-size", shard, "--steps", str(STEPS), "--height", "64",
                        "--width", "96", env={"OMP_NUM_THREADS": "1"})  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "64 ok, 0 error" in proc.stdout
+        assert f"layout: {gpus} rank(s) = dp {gpus} x cfg 1" in proc.stdout
     return {name: base / name for name in runs}
 
 
@@ -124,6 +126,8 @@ def test_row_errors_do_not_stop_the_job(tmp_path: Path) -> None:
         (["{noprompt}"], "no 'prompt' column"),
         (["{ok}", "--shard-size", "10", "--batch-size", "4"], "must be a positive multiple of --batch-size"),
         (["{ok}", "--gpus", "0"], "--gpus 0"),
+        (["{ok}", "--gpus", "3", "--cfg-parallel-size", "2"], "--gpus 3 --cfg-parallel-size 2: dp * cfg must equal 3"),
+        (["{ok}", "--cfg-parallel-size", "0"], "--cfg-parallel-size 0"),
         (["{ok}", "--height", "65"], "--height 65"),
         (["{ok}", "--model", "{dir}"], "no model_index.json"),
     ],

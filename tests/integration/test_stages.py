@@ -29,8 +29,12 @@ def _requests(guidance_scale: float) -> list[SampleRequest]:
 def test_batched_cfg_equals_stock_pipeline(pipe, guidance_scale: float) -> None:  # noqa: ANN001
     out = StageRunner(pipe, cfg_batching=True, guidance_rescale=0.0).run(_requests(guidance_scale))
     generators = [torch.Generator().manual_seed(100 + i) for i in range(len(PROMPTS))]
-    stock = pipe(PROMPTS, negative_prompt=[""] * 3, height=64, width=64, num_inference_steps=4,
-                 guidance_scale=guidance_scale, generator=generators).images  # fmt: skip
+    pipe.vae.enable_slicing()  # gen decodes one image per VAE call, as diffusers' VAE slicing does
+    try:
+        stock = pipe(PROMPTS, negative_prompt=[""] * 3, height=64, width=64, num_inference_steps=4,
+                     guidance_scale=guidance_scale, generator=generators).images  # fmt: skip
+    finally:
+        pipe.vae.disable_slicing()
     for result, image in zip(out.results, stock):
         assert result.error is None
         assert result.image.tobytes() == image.tobytes()
@@ -43,6 +47,16 @@ def test_separate_branch_forwards_match_within_rounding(pipe) -> None:  # noqa: 
     for a, b in zip(batched.results, separate.results):
         diff = np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16))
         assert diff.max() <= 1  # at most 1/255 per pixel
+
+
+def test_decode_mask_decodes_only_this_ranks_images(pipe) -> None:  # noqa: ANN001
+    """Under CFG parallelism each rank decodes its own images; the rest come back empty."""
+    runner = StageRunner(pipe, cfg_batching=False, guidance_rescale=0.0)
+    full = runner.run(_requests(5.0)).results
+    part = runner.run(_requests(5.0), decode=[False, True, False]).results
+    assert [r.image is None for r in part] == [True, False, True]
+    assert all(r.error is None and len(r.steps) == 4 for r in part)
+    assert part[1].image.tobytes() == full[1].image.tobytes()
 
 
 def test_guidance_rescale_reaches_the_pipeline(pipe) -> None:  # noqa: ANN001

@@ -1,0 +1,204 @@
+"""CFG-parallel groups through the installed CLI on real torchrun gloo ranks with tiny-sd.
+
+Every run uses OMP_NUM_THREADS=1, so all ranks use the same CPU kernels (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.conftest import parti_prompts, run_gen
+
+STEPS = 6
+ENV = {"OMP_NUM_THREADS": "1"}
+STEP_COLUMNS = ["sample_id", "step_index", "timestep", "denoiser", "uncond", "branches"]
+
+RUNS = {
+    "g1": ["--gpus", "1"],
+    "g2c1": ["--gpus", "2", "--cfg-parallel-size", "1"],
+    "g2c2": ["--gpus", "2"],  # the default for an even --gpus with guidance
+    "g4c2": ["--gpus", "4", "--cfg-parallel-size", "2"],
+    "g1sep": ["--gpus", "1", "--no-cfg-batching"],
+    "g2c2sep": ["--gpus", "2", "--cfg-parallel-size", "2", "--no-cfg-batching"],
+}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """11 PartiPrompts; row 5 without guidance (one branch), row 7 an error row. Micro-batches
+    of 4 rows: [0-3], [4, 6] + [5], [7] (error), [8-10]: sizes 4, 2, 1, 3, so CFG ranks write
+    uneven shares and some write nothing for a micro-batch."""
+    rows = parti_prompts(11)
+    guidance = [None] * 11
+    guidance[5], guidance[7] = 1.0, -1.0
+    path = tmp_path_factory.mktemp("cfg-manifest") / "m.parquet"
+    pq.write_table(
+        pa.table({"prompt": [r["Prompt"] for r in rows],
+                  "guidance_scale": pa.array(guidance, pa.float64())}),  # fmt: skip
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def outs(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    base = tmp_path_factory.mktemp("cfg-runs")
+    result = {}
+    for name, args in RUNS.items():
+        proc = run_gen("batch", str(manifest), "--out", str(base / name), "--steps", str(STEPS),
+                       "--seed", "3", *args, env=ENV)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "10 ok, 1 error" in proc.stdout, proc.stdout
+        result[name] = (base / name, proc.stdout)
+    return result
+
+
+def _samples(out: Path) -> pa.Table:
+    return pq.read_table(out / "samples")
+
+
+def _same_bytes(a: Path, b: Path) -> None:
+    """Samples and step stats identical, but for timings and (between cfg sizes) the layout."""
+    sa, sb = _samples(a), _samples(b)
+    for col in ("sample_id", "seed", "status", "error", "image", "fresh_uncond", "reused_uncond"):
+        assert sa.column(col).to_pylist() == sb.column(col).to_pylist(), col
+    ja, jb = (json.loads((x / "job.json").read_text())["layout"]["cfg"] for x in (a, b))
+    columns = STEP_COLUMNS if ja == jb else STEP_COLUMNS[:-1]
+    steps_a = pq.read_table(a / "steps", columns=columns)
+    assert steps_a.num_rows == 10 * STEPS
+    assert steps_a.equals(pq.read_table(b / "steps", columns=columns))
+
+
+@pytest.mark.parametrize(("a", "b"), [("g2c2", "g4c2"), ("g1", "g2c1"), ("g1sep", "g2c2sep"),
+                                      ("g2c2", "g2c2sep")])  # fmt: skip
+def test_byte_identical(outs: dict[str, tuple[Path, str]], a: str, b: str) -> None:
+    """cfg 2 on 2 or 4 ranks; dp only; separate forwards serial vs CFG-parallel; and CFG
+    parallel with or without batching (each rank holds one branch either way)."""
+    _same_bytes(outs[a][0], outs[b][0])
+
+
+def test_batched_serial_within_one_level(outs: dict[str, tuple[Path, str]]) -> None:
+    """One concatenated forward (serial default) vs one branch per rank: float rounding only."""
+    a, b = _samples(outs["g1"][0]), _samples(outs["g2c2"][0])
+    diffs = []
+    for x, y in zip(a.column("image").to_pylist(), b.column("image").to_pylist()):
+        if x is None:
+            assert y is None
+            continue
+        ix = np.asarray(Image.open(__import__("io").BytesIO(x["bytes"])), np.int16)
+        iy = np.asarray(Image.open(__import__("io").BytesIO(y["bytes"])), np.int16)
+        diffs.append(int(np.abs(ix - iy).max()))
+    assert len(diffs) == 10 and max(diffs) <= 1, diffs
+
+
+def test_layout_printed_and_recorded(outs: dict[str, tuple[Path, str]]) -> None:
+    out, stdout = outs["g4c2"]
+    assert "layout: 4 rank(s) = dp 2 x cfg 2; CFG groups [0, 1] [2, 3]" in stdout
+    assert "layout: 2 rank(s) = dp 1 x cfg 2; CFG groups [0, 1]" in outs["g2c2"][1]
+    job = json.loads((out / "job.json").read_text())
+    assert {k: job["layout"][k] for k in ("world_size", "dp", "cfg", "cfg_groups")} == {
+        "world_size": 4, "dp": 2, "cfg": 2, "cfg_groups": [[0, 1], [2, 3]],
+    }  # fmt: skip
+    steps = pq.read_table(out / "steps").to_pylist()
+    guided = [s for s in steps if s["uncond"] == "fresh"]
+    assert guided and all(
+        s["branches"] == [{"name": "uncond", "cfg_rank": 0}, {"name": "cond", "cfg_rank": 1}]
+        for s in guided
+    )
+    unguided = [s for s in steps if s["sample_id"].startswith("000000005")]
+    assert len(unguided) == STEPS
+    assert all(s["uncond"] == "none" and s["branches"] == [{"name": "cond", "cfg_rank": 0}]
+               for s in unguided)  # fmt: skip
+
+
+def test_each_row_written_once_by_its_rank(outs: dict[str, tuple[Path, str]]) -> None:
+    out = outs["g4c2"][0]
+    summary = json.loads((out / "summary.json").read_text())
+    ranks = {r["rank"]: r for r in summary["ranks"]}
+    assert {r: (v["dp_rank"], v["cfg_rank"]) for r, v in ranks.items()} == {
+        0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)
+    }
+    # micro-batches [0-3] [4,6] [5] [7:error] [8-10] dealt to dp 0,1,0,1,0; sample j of a
+    # micro-batch is written by cfg rank j % 2
+    written = {r: v["samples_ok"] + v["samples_error"] for r, v in ranks.items()}
+    assert written == {0: 2 + 1 + 2, 1: 2 + 0 + 1, 2: 1 + 1, 3: 1 + 0}
+    assert sum(v["samples_error"] for v in ranks.values()) == 1
+    samples = _samples(out)
+    assert samples.column("row_index").to_pylist() == list(range(11))
+
+
+def _rank_pid(out: Path, rank: int) -> int:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"jobs.worker" in cmd and str(out).encode() in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"no worker process of rank {rank}")
+
+
+def _start_and_wait_for_ranks(parti64: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    gen = subprocess.Popen(
+        ["gen", "batch", str(parti64), "--out", str(out), "--gpus", "2", "--cfg-parallel-size", "2",
+         "--steps", "20", "--batch-size", "2", *extra],
+        env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    progress = out / ".gen" / "progress"
+    deadline = time.monotonic() + 120
+    while not (progress / "rank-00001.json").exists() or not (progress / "rank-00000.json").exists():
+        assert gen.poll() is None, gen.communicate()
+        assert time.monotonic() < deadline, "ranks did not start"
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the denoising loop
+    return gen
+
+
+def test_killed_rank_fails_the_run_and_a_rerun_resumes(parti64: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    gen = _start_and_wait_for_ranks(parti64, out)
+    os.kill(_rank_pid(out, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = gen.communicate(timeout=120)
+    assert gen.returncode not in (0, None)
+    assert time.monotonic() - killed < 60
+    assert "Signal 9" in stderr or "SIGKILL" in stderr, stderr[-3000:]
+    assert "re-run the same command to resume" in stderr
+    proc = run_gen("batch", str(parti64), "--out", str(out), "--gpus", "2", "--cfg-parallel-size",
+                   "2", "--steps", "20", "--batch-size", "2", env=ENV)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "64 ok, 0 error" in proc.stdout
+
+
+def test_hung_rank_fails_the_run_within_the_collective_timeout(parti64: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hung"
+    gen = _start_and_wait_for_ranks(parti64, out, "--collective-timeout", "5")
+    pid = _rank_pid(out, 1)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = gen.communicate(timeout=120)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    elapsed = time.monotonic() - stopped
+    assert gen.returncode == 1
+    assert "rank 0 failed: CFG group of ranks [0, 1]: a collective failed" in stderr, stderr[-3000:]
+    assert "--collective-timeout 5 s" in stderr
+    assert elapsed < 5 + 60, elapsed  # the timeout, then torchrun stops the stuck rank
