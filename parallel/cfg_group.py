@@ -10,7 +10,9 @@ the same path through it, including when a rank fails. Two rules keep it so:
   which is not a per-sample error: the run stops, within ``--collective-timeout`` seconds.
 
 Exchanges carry a sequence number, so ranks that fell out of step fail loudly instead of
-pairing the wrong messages.
+pairing the wrong messages. They are CPU tensors (gloo, also on GPU nodes: see
+``Platform.process_group_backend``), so reading them never waits for the device; only the
+predictions travel on the device's backend.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class GroupAborted(RuntimeError):
 
 
 class Transport(Protocol):
-    """All-gather within one group. Implemented on torch.distributed by ``parallel.group``."""
+    """All-gather within one group. Implemented on torch.distributed by ``parallel.group``;
+    a CPU tensor goes through gloo, a device tensor through the device's backend."""
 
     size: int
     rank: int
@@ -65,7 +68,8 @@ class CfgGroup:
     Args:
         transport: collectives over the group's ranks, or None for a group of one (no
             collectives at all).
-        device: where exchange tensors live (the rank's device: NCCL / HCCL need it there).
+        device: the rank's device, where predictions are gathered (NCCL / HCCL need them there);
+            control exchanges stay on the CPU.
 
     Example::
 
@@ -106,9 +110,7 @@ class CfgGroup:
         header = [self._seq, int(error is not None), *payload] + [0] * (PAYLOAD - len(payload))
         rows = [
             t.tolist()
-            for t in self.transport.all_gather(
-                torch.tensor(header, dtype=torch.int64, device=self.device)
-            )
+            for t in self.transport.all_gather(torch.tensor(header, dtype=torch.int64))
         ]
         if any(r[0] != self._seq for r in rows):
             raise CollectiveError(

@@ -29,7 +29,7 @@ def init_ranks(*, rank: int, world_size: int, platform: Platform, timeout_s: flo
     if world_size == 1 or dist.is_initialized():
         return
     dist.init_process_group(
-        backend=platform.backend,
+        backend=platform.process_group_backend,
         rank=rank,
         world_size=world_size,
         timeout=dt.timedelta(seconds=timeout_s),

@@ -61,6 +61,15 @@ class Platform:
         return device
 
     @property
+    def process_group_backend(self) -> str:
+        """Backend string for ``init_process_group``: the accelerator's backend for device
+        tensors plus gloo for CPU tensors (``"cpu:gloo,cuda:nccl"``), so that small control
+        exchanges stay on the host and never wait for the device stream."""
+        if self.name == "cpu":
+            return "gloo"
+        return f"cpu:gloo,{self.name}:{self.backend}"
+
+    @property
     def default_dtype(self) -> torch.dtype:
         """bfloat16 on accelerators, float32 on cpu (bf16 matmuls are slow on most CPUs)."""
         return torch.float32 if self.name == "cpu" else torch.bfloat16

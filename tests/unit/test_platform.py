@@ -105,3 +105,20 @@ def test_available_cores() -> None:
     assert cores >= 1
     if hasattr(os, "sched_getaffinity"):
         assert cores == len(os.sched_getaffinity(0))
+
+
+def test_process_group_backend_keeps_control_on_the_cpu() -> None:
+    assert CPU.process_group_backend == "gloo"
+    assert CUDA2.process_group_backend == "cpu:gloo,cuda:nccl"
+    npu = Platform(name="npu", backend="hccl", num_devices=8)
+    assert npu.process_group_backend == "cpu:gloo,npu:hccl"
+
+
+def test_cpu_cores_for_ranks() -> None:
+    from parallel.platform import cpu_cores_for
+
+    allowed = [0, 1, 2, 3, 4, 5]
+    assert cpu_cores_for(0, 2, 3, allowed) == [0, 1, 2]
+    assert cpu_cores_for(1, 2, 3, allowed) == [3, 4, 5]
+    assert cpu_cores_for(1, 3, 2, [4, 5, 8, 9, 10, 11]) == [8, 9]
+    assert cpu_cores_for(0, 2, 4, allowed) is None  # 8 threads do not fit on 6 cores
