@@ -130,15 +130,19 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         mine = deal(micro_batches(planned, config.batch_size), dp_rank, dims.dp_size)
         first_wall, last_wall = None, None
         for part, batch in enumerate(mine):
-            todo = [p for p in batch if p.request.sample_id not in finished]
-            writes = {p.request.sample_id for j, p in enumerate(batch) if group.owner(j) == cfg_rank}
-            stats.samples_skipped += len(writes & finished)
-            if todo:
-                results, span = _generate(runner, todo, writes, stats)
+            ids = [p.request.sample_id for p in batch]
+            missing = set(ids) - finished
+            ours = {sid for j, sid in enumerate(ids) if group.owner(j) == cfg_rank}
+            writes = ours & missing  # sample j of a micro-batch is written by cfg rank j % K
+            stats.samples_skipped += len(ours - missing)
+            if missing:
+                # The whole micro-batch runs again, even if a crash left part of it flushed:
+                # its composition, and so every image's bytes, stay as planned.
+                results, span = _generate(runner, batch, writes, stats)
                 if span is not None:
                     first_wall = first_wall or span[0]
                     last_wall = span[1]
-                own = [(p, r) for p, r in zip(todo, results) if p.request.sample_id in writes]
+                own = [(p, r) for p, r in zip(batch, results) if p.request.sample_id in writes]
                 if own:
                     out.write_part(
                         shard,
@@ -147,7 +151,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
                                       shard.start),  # fmt: skip
                         steps_table([r for _, r in own if r is not None]),
                     )
-            progress.add(len(writes))
+            progress.add(len(ours))
         out.mark_rank_finished(shard, run_id, rank,
                                {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
         out.try_commit(shard, run_id, world_size, len(planned))
