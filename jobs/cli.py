@@ -28,6 +28,7 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
 @click.option("--steps", "num_inference_steps", type=int, default=50, show_default=True, help="num_inference_steps.")
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True, help="CFG scale; <= 1 disables guidance.")
+@click.option("--cfg-gate-step", type=float, default=1.0, show_default=True, help="Fraction F in [0, 1] of the steps after which the uncond forward is skipped and rebuilt from the cached delta; 1 = off.")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="diffusers' guidance_rescale in [0, 1].")
 @click.option("--height", type=int, help="Pixels [default: the model's native size].")
 @click.option("--width", type=int, help="Pixels [default: the model's native size].")
@@ -58,6 +59,11 @@ def batch(manifest: str, out: str | None, overwrite: bool, **options: object) ->
         f"{summary['run_samples_ok']} images in {summary['generate_wall_s']:.2f} s "
         f"({summary['images_per_s']:.2f} img/s), start-up {summary['startup_s']:.2f} s; "
         f"out: {config.out}"
+    )
+    fresh, reused = summary["fresh_uncond"], summary["reused_uncond"]
+    click.echo(
+        f"cfg gating: {fresh} fresh, {reused} reused unconditional predictions "
+        f"({reused / max(1, fresh + reused):.0%} skipped), {summary['invalidations']} invalidations"
     )
 
 

@@ -29,6 +29,9 @@ class BatchConfig:
     """Scheduler steps, >= 1."""
     guidance_scale: float = 7.5
     """CFG scale s >= 0; <= 1 disables guidance (no unconditional forward)."""
+    cfg_gate_step: float = 1.0
+    """CFG gating fraction F in [0, 1] (sglang's cfg_gate_step): from step int(steps * F) on,
+    the uncond forward is skipped and rebuilt from the cached cond - uncond delta; 1.0 = off."""
     guidance_rescale: float = 0.0
     """diffusers' guidance_rescale in [0, 1]; 0 = off."""
     height: int | None = None
@@ -61,6 +64,7 @@ class BatchConfig:
         need(self.dtype in DTYPES, "--dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         need(self.num_inference_steps >= 1, "--steps", self.num_inference_steps, "must be >= 1")
         need(self.guidance_scale >= 0, "--guidance-scale", self.guidance_scale, "must be >= 0")
+        need(0 <= self.cfg_gate_step <= 1, "--cfg-gate-step", self.cfg_gate_step, "must be in [0, 1]")
         need(
             0 <= self.guidance_rescale <= 1,
             "--guidance-rescale",
@@ -116,6 +120,6 @@ class BatchConfig:
         keep = (
             "model", "dtype", "num_inference_steps", "guidance_scale", "guidance_rescale",
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
-            "cfg_batching",
+            "cfg_batching", "cfg_gate_step",
         )  # fmt: skip
         return {k: v for k, v in self.to_dict().items() if k in keep}

@@ -2,7 +2,7 @@
 
 Columns: ``prompt`` (string, required); optional ``id``, ``negative_prompt``, ``seed`` and the
 per-row overrides ``guidance_scale``, ``num_inference_steps``, ``height``, ``width``,
-``num_images``. Every other column passes through to the samples parquet unchanged.
+``num_images``, ``cfg_gate_step``. Every other column passes through to the samples parquet unchanged.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ KNOWN_COLUMNS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "height": (_is_int, "integer"),
     "width": (_is_int, "integer"),
     "num_images": (_is_int, "integer"),
+    "cfg_gate_step": (_is_num, "number in [0, 1]"),
 }
 
 RESERVED_COLUMNS = (
     "sample_id", "row_index", "image_index", "status", "error", "image", "fresh_uncond",
-    "reused_uncond", "invalidations", "denoise_s",
+    "reused_uncond", "invalidations", "gate_step", "denoise_s",
 )  # fmt: skip
 """Output columns a manifest may not carry (they would be overwritten)."""
 

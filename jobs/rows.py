@@ -24,6 +24,8 @@ class GenerationDefaults:
     width: int
     num_inference_steps: int
     guidance_scale: float
+    cfg_gate_step: float = 1.0
+    """CFG gating fraction F in [0, 1]; 1.0 = off."""
     images_per_prompt: int
     seed: int
     """Job seed, for rows without a ``seed``."""
@@ -53,6 +55,7 @@ def _check_row(row: dict[str, Any], d: GenerationDefaults) -> tuple[dict[str, An
         "num_inference_steps": pick("num_inference_steps", d.num_inference_steps),
         "guidance_scale": float(pick("guidance_scale", d.guidance_scale)),
         "num_images": pick("num_images", d.images_per_prompt),
+        "cfg_gate_step": float(pick("cfg_gate_step", d.cfg_gate_step)),
     }
     prompt = row.get("prompt")
     problems = []
@@ -67,6 +70,8 @@ def _check_row(row: dict[str, Any], d: GenerationDefaults) -> tuple[dict[str, An
         problems.append(f"num_inference_steps {v['num_inference_steps']} must be >= 1")
     if not (math.isfinite(v["guidance_scale"]) and v["guidance_scale"] >= 0):
         problems.append(f"guidance_scale {v['guidance_scale']} must be a finite number >= 0")
+    if not 0.0 <= v["cfg_gate_step"] <= 1.0:  # also false for NaN
+        problems.append(f"cfg_gate_step {v['cfg_gate_step']} must be in [0, 1]")
     if v["num_images"] < 1:
         problems.append(f"num_images {v['num_images']} must be >= 1")
     if row.get("seed") is not None and not 0 <= row["seed"] < SEED_LIMIT:
@@ -105,6 +110,7 @@ def plan_rows(table: pa.Table, first_row: int, defaults: GenerationDefaults) -> 
                 width=v["width"],
                 num_inference_steps=v["num_inference_steps"],
                 guidance_scale=v["guidance_scale"],
+                cfg_gate_step=v["cfg_gate_step"] if 0.0 <= v["cfg_gate_step"] <= 1.0 else 1.0,
             )
             samples.append(PlannedSample(row_index, image_index, request, error))
     return samples

@@ -18,7 +18,8 @@ from pipeline.generate import SampleResult
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
-RESOLVED_COLUMNS = ("seed", "width", "height", "num_inference_steps", "guidance_scale")
+RESOLVED_COLUMNS = ("seed", "width", "height", "num_inference_steps", "guidance_scale",
+                    "cfg_gate_step")  # fmt: skip
 """Manifest override columns replaced in the output by the values actually used."""
 
 _HEAD = [("sample_id", pa.string()), ("row_index", pa.int64()), ("image_index", pa.int64())]
@@ -31,9 +32,11 @@ _TAIL = [
     ("height", pa.int64()),
     ("num_inference_steps", pa.int64()),
     ("guidance_scale", pa.float64()),
+    ("cfg_gate_step", pa.float64()),
     ("fresh_uncond", pa.int64()),
     ("reused_uncond", pa.int64()),
     ("invalidations", pa.int64()),
+    ("gate_step", pa.int64()),
     ("denoise_s", pa.float64()),
 ]
 
@@ -129,10 +132,12 @@ def samples_table(
         cols["height"].append(req.height)
         cols["num_inference_steps"].append(req.num_inference_steps)
         cols["guidance_scale"].append(req.guidance_scale)
+        cols["cfg_gate_step"].append(req.cfg_gate_step)
         steps = r.steps if r is not None else []
         cols["fresh_uncond"].append(sum(s.uncond == "fresh" for s in steps))
         cols["reused_uncond"].append(sum(s.uncond == "reused" for s in steps))
-        cols["invalidations"].append(0)
+        cols["invalidations"].append(r.invalidations if r is not None else 0)
+        cols["gate_step"].append(r.gate_step if r is not None else None)
         cols["denoise_s"].append(r.denoise_s if r is not None else 0.0)
     contract = {name for name, _ in (*_HEAD, *_TAIL)}
     arrays = [

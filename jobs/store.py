@@ -182,6 +182,11 @@ class OutputDir:
                 "rows": [shard.start, shard.stop],
                 "samples_ok": status.count("ok"),
                 "samples_error": status.count("error"),
+                **{
+                    col: pc.sum(samples.column(col)).as_py() or 0
+                    for col in ("fresh_uncond", "reused_uncond", "invalidations")
+                    if col in samples.schema.names
+                },
                 "steps": steps.num_rows,
                 "run_id": run_id,
                 "start_wall": min((i["start_wall"] for i in infos if i["start_wall"]), default=None),

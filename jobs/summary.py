@@ -18,7 +18,8 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
     Returns:
         The summary: samples_ok / samples_error over all committed shards; generate_wall_s (first
         denoising step to last decode of this run, over all ranks), startup_s (launch to first
-        denoising step), images_per_s (ok images of this run / generate_wall_s); per-rank peaks.
+        denoising step), images_per_s (ok images of this run / generate_wall_s); fresh_uncond,
+        reused_uncond, invalidations: totals over all samples' steps; per-rank peaks.
     """
     markers = out.done_markers()
     ranks = [json.loads(p.read_text()) for p in sorted((out.root / ".gen" / "ranks").glob("rank-[0-9]*[0-9].json"))]
@@ -29,6 +30,9 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
     summary = {
         "samples_ok": sum(m["samples_ok"] for m in markers),
         "samples_error": sum(m["samples_error"] for m in markers),
+        "fresh_uncond": sum(m.get("fresh_uncond", 0) for m in markers),
+        "reused_uncond": sum(m.get("reused_uncond", 0) for m in markers),
+        "invalidations": sum(m.get("invalidations", 0) for m in markers),
         "shards_done": len(markers),
         "shards_total": num_shards,
         "generate_wall_s": round(generate_wall_s, 4),

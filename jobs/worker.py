@@ -113,6 +113,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         width=config.width or runner.family.default_size,
         num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale,
+        cfg_gate_step=config.cfg_gate_step,
         images_per_prompt=config.images_per_prompt,
         seed=config.seed,
         size_multiple=runner.family.size_multiple,

@@ -2,9 +2,10 @@
 
 Diffusers keeps its pipeline loop (scheduler, latents, the CFG combine
 ``uncond + s * (cond - uncond)`` and guidance_rescale). This hook owns what happens inside each
-denoiser call: the call is split into its guidance branches, the branches go to a branch
-executor (parallel/), the predictions are put back in the order the pipeline expects, and every
-step is recorded.
+denoiser call: the call is split into its guidance branches, CFG gating (pipeline.gating)
+decides whether the uncond branch runs or is rebuilt from the cached delta, the branches that
+run go to a branch executor (parallel/), the predictions are put back in the order the pipeline
+expects, and every step is recorded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusers.utils import BaseOutput
 
 from parallel.branches import CfgParallelExecutor, SerialBranchExecutor, split_branches
 from pipeline.families import CfgConvention
+from pipeline.gating import CfgGate
 
 Executor = SerialBranchExecutor | CfgParallelExecutor
 
@@ -41,6 +43,15 @@ class StepRecord:
     CFG parallelism, the gather of the other ranks' predictions."""
     branches: tuple[tuple[str, int], ...] = ()
     """(branch name, CFG-group rank that ran it), in the pipeline's branch order."""
+
+
+@dataclass
+class DenoiseTrace:
+    """What the intercept recorded over one pipeline call."""
+
+    steps: list[StepRecord]
+    gate: CfgGate
+    """Gating state at the end of the call: invalidations, first reused step."""
 
 
 @dataclass
@@ -96,14 +107,15 @@ class DenoiserHook:
         self.executor = executor
 
     @contextmanager
-    def intercept(self, *, batch: int, guidance: bool) -> Iterator[list[StepRecord]]:
-        """Wrap the denoisers for one pipeline call; yields the list its steps are appended to.
+    def intercept(self, *, batch: int, guidance: bool, cfg_gate_step: float = 1.0) -> Iterator[DenoiseTrace]:
+        """Wrap the denoisers for one pipeline call; yields the trace its steps are recorded in.
 
         Args:
             batch: B, images in the micro-batch.
             guidance: whether the pipeline runs CFG (guidance_scale > 1).
+            cfg_gate_step: gating fraction F in [0, 1]; 1.0 = off (see pipeline.gating).
         """
-        records: list[StepRecord] = []
+        trace = DenoiseTrace([], CfgGate(cfg_gate_step))
         modules = [
             (name, getattr(self.pipe, name))
             for name in self.convention.denoisers
@@ -111,9 +123,9 @@ class DenoiserHook:
         ]
         saved = [module.__dict__.get("forward") for _, module in modules]
         for name, module in modules:
-            module.forward = self._wrap(name, module.forward, batch, guidance, records)
+            module.forward = self._wrap(name, module.forward, batch, guidance, trace)
         try:
-            yield records
+            yield trace
         finally:
             for (_, module), prior in zip(modules, saved):
                 if prior is None:
@@ -121,8 +133,9 @@ class DenoiserHook:
                 else:
                     module.forward = prior
 
-    def _wrap(self, name: str, forward: Any, batch: int, guidance: bool, records: list[StepRecord]):
+    def _wrap(self, name: str, forward: Any, batch: int, guidance: bool, trace: DenoiseTrace):
         names = self.convention.branch_order if guidance else ("cond",)
+        gate = trace.gate
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -140,22 +153,32 @@ class DenoiserHook:
                 template.append(out)
                 return _prediction(out)
 
+            step = len(trace.steps)
             branches = split_branches(names, args, kwargs, total)
-            predictions = self.executor.run(branches, run, batch)
+            gating = guidance and gate.fraction < 1.0
+            reuse = gating and gate.reuse(step, len(self.pipe.scheduler.timesteps), name)
+            running = [b for b in branches if b.name == "cond"] if reuse else branches
+            ran = dict(zip([b.name for b in running], self.executor.run(running, run, batch)))
+            if reuse:
+                ran["uncond"] = gate.uncond(ran["cond"])
+            elif gating:
+                gate.store(name, ran["cond"], ran["uncond"])
             result = _rebuild(
                 template[0] if template else None,
-                torch.cat(predictions, dim=0),
+                torch.cat([ran[n] for n in names], dim=0),
                 kwargs.get("return_dict", True),
             )
             timestep = args[1] if len(args) > 1 else kwargs.get("timestep", 0)
-            records.append(
+            trace.steps.append(
                 StepRecord(
-                    step_index=len(records),
+                    step_index=step,
                     timestep=float(torch.as_tensor(timestep).flatten()[0]),
                     denoiser=name,
-                    uncond="fresh" if guidance else "none",
+                    uncond="none" if not guidance else "reused" if reuse else "fresh",
                     step_s=time.perf_counter() - start,
-                    branches=tuple(zip(names, self.executor.ranks_for(len(names)))),
+                    branches=tuple(
+                        zip([b.name for b in running], self.executor.ranks_for(len(running)))
+                    ),
                 )
             )
             return result

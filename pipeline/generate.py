@@ -1,7 +1,7 @@
 """Generate one micro-batch: encode -> denoise -> decode, with per-sample results.
 
-A micro-batch shares height, width, num_inference_steps and guidance_scale (the pipeline takes
-them per call). Each image has its own torch.Generator (on the CPU, so the initial noise does not
+A micro-batch shares height, width, num_inference_steps, guidance_scale and cfg_gate_step (the
+pipeline and the gate take them per call). Each image has its own torch.Generator (on the CPU, so the initial noise does not
 depend on the device). A micro-batch that raises is retried image by image, so only the images
 that fail become error rows.
 
@@ -43,11 +43,15 @@ class SampleRequest:
     width: int
     num_inference_steps: int
     guidance_scale: float
+    cfg_gate_step: float = 1.0
+    """CFG gating fraction F in [0, 1]: from step int(steps * F) on, uncond is rebuilt from the
+    cached delta (pipeline.gating); 1.0 = off."""
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float]:
+    def batch_key(self) -> tuple[int, int, int, float, float]:
         """Requests may share a pipeline call only when these are equal."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale)
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
+                self.cfg_gate_step)  # fmt: skip
 
 
 @dataclass
@@ -59,6 +63,10 @@ class SampleResult:
     """PIL image; None on error, or when another rank of the CFG group decodes it."""
     error: str | None = None
     steps: list[StepRecord] = field(default_factory=list)
+    invalidations: int = 0
+    """Cached guidance deltas dropped on a denoiser switch (shared by the micro-batch)."""
+    gate_step: int | None = None
+    """First step whose uncond was reused, or None if every uncond was fresh."""
     denoise_s: float = 0.0
     """Wall seconds of the micro-batch's denoise stage (shared by its images)."""
 
@@ -151,7 +159,8 @@ class StageRunner:
 
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
             start = time.perf_counter()
-            with self.hook.intercept(batch=len(requests), guidance=guidance) as steps:
+            with self.hook.intercept(batch=len(requests), guidance=guidance,
+                                     cfg_gate_step=first.cfg_gate_step) as trace:  # fmt: skip
                 latents = self.family.denoise(
                     cond,
                     generators,
@@ -165,7 +174,9 @@ class StageRunner:
 
         results = []
         for i, request in enumerate(requests):
-            result = SampleResult(request, steps=list(steps), denoise_s=denoise_s)
+            result = SampleResult(request, steps=list(trace.steps), denoise_s=denoise_s,
+                                  invalidations=trace.gate.invalidations,
+                                  gate_step=trace.gate.first_reused)  # fmt: skip
             if not torch.isfinite(latents[i]).all():
                 result.error = "non-finite latents after denoising"
             elif decode[i]:

@@ -31,6 +31,8 @@ RUNS = {
     "g4c2": ["--gpus", "4", "--cfg-parallel-size", "2"],
     "g1sep": ["--gpus", "1", "--no-cfg-batching"],
     "g2c2sep": ["--gpus", "2", "--cfg-parallel-size", "2", "--no-cfg-batching"],
+    "g1sep_gate": ["--gpus", "1", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
+    "g2c2_gate": ["--gpus", "2", "--cfg-gate-step", "0.5"],
 }
 
 
@@ -81,7 +83,7 @@ def _same_bytes(a: Path, b: Path, rows: int = 10, steps: int = STEPS) -> None:
 
 
 @pytest.mark.parametrize(("a", "b"), [("g2c2", "g4c2"), ("g1", "g2c1"), ("g1sep", "g2c2sep"),
-                                      ("g2c2", "g2c2sep")])  # fmt: skip
+                                      ("g2c2", "g2c2sep"), ("g1sep_gate", "g2c2_gate")])  # fmt: skip
 def test_byte_identical(outs: dict[str, tuple[Path, str]], a: str, b: str) -> None:
     """cfg 2 on 2 or 4 ranks; dp only; separate forwards serial vs CFG-parallel; and CFG
     parallel with or without batching (each rank holds one branch either way)."""
@@ -100,6 +102,24 @@ def test_batched_serial_within_one_level(outs: dict[str, tuple[Path, str]]) -> N
         iy = np.asarray(Image.open(__import__("io").BytesIO(y["bytes"])), np.int16)
         diffs.append(int(np.abs(ix - iy).max()))
     assert len(diffs) == 10 and max(diffs) <= 1, diffs
+
+
+def test_gating_counts_in_both_parquets(outs: dict[str, tuple[Path, str]]) -> None:
+    """--cfg-gate-step 0.5 at 6 steps: 3 fresh, 3 reused per guided sample; the reused steps
+    ran cond alone, on cfg rank 0."""
+    out, stdout = outs["g2c2_gate"]
+    samples = _samples(out).to_pylist()
+    for s in samples:
+        guided = s["status"] == "ok" and s["guidance_scale"] > 1
+        assert (s["fresh_uncond"], s["reused_uncond"]) == ((3, 3) if guided else (0, 0)), s["sample_id"]
+        assert s["gate_step"] == (3 if guided else None)
+        assert s["cfg_gate_step"] == 0.5 and s["invalidations"] == 0
+    steps = pq.read_table(out / "steps").to_pylist()
+    reused = [s for s in steps if s["uncond"] == "reused"]
+    assert len(reused) == 9 * 3 and {s["step_index"] for s in reused} == {3, 4, 5}
+    assert all(s["branches"] == [{"name": "cond", "cfg_rank": 0}] for s in reused)
+    assert "cfg gating: 27 fresh, 27 reused unconditional predictions (50% skipped), 0 invalidations" in stdout
+    assert "cfg gating: 54 fresh, 0 reused" in outs["g1"][1]
 
 
 def test_layout_printed_and_recorded(outs: dict[str, tuple[Path, str]]) -> None:

@@ -72,3 +72,47 @@ def test_one_image_per_generator_is_batch_independent_in_noise(pipe) -> None:  #
     alone = runner.run(_requests(5.0)[1:2]).results
     diff = np.abs(np.asarray(three[1].image, np.int16) - np.asarray(alone[0].image, np.int16))
     assert diff.max() <= 1  # only batch-size rounding differs
+
+
+def _gated(steps: int, fraction: float, guidance_scale: float = 5.0) -> list[SampleRequest]:
+    return [
+        SampleRequest(sample_id=f"g{i}", prompt=p, negative_prompt="", seed=7 + i, height=64,
+                      width=64, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      cfg_gate_step=fraction)  # fmt: skip
+        for i, p in enumerate(PROMPTS)
+    ]
+
+
+def test_cfg_gating_on_tiny_sd(pipe) -> None:  # noqa: ANN001
+    """8 steps, F = 0.5: 4 fresh and 4 reused uncond per sample; the UNet then runs the cond
+    half only; F = 1.0 is exactly no gating."""
+    runner = StageRunner(pipe, cfg_batching=True, guidance_rescale=0.0)
+    calls: list[int] = []
+    forward = pipe.unet.forward
+
+    def counting(sample, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    pipe.unet.forward = counting  # the intercept wraps this, the UNet's real forward inside
+    try:
+        gated = runner.run(_gated(8, 0.5)).results
+    finally:
+        del pipe.unet.forward
+    assert calls == [6] * 4 + [3] * 4  # 2 x 3 images while fresh, 3 after the gate
+    for r in gated:
+        assert r.error is None
+        assert [s.uncond for s in r.steps] == ["fresh"] * 4 + ["reused"] * 4
+        assert r.gate_step == 4 and r.invalidations == 0
+    plain = runner.run(_gated(8, 1.0)).results
+    ungated = StageRunner(pipe, cfg_batching=True, guidance_rescale=0.0).run(
+        [SampleRequest(**{**r.request.__dict__, "cfg_gate_step": 1.0}) for r in plain]
+    ).results
+    assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(plain, ungated))
+    assert all(r.gate_step is None for r in plain)
+    assert any(a.image.tobytes() != b.image.tobytes() for a, b in zip(gated, plain))
+
+
+def test_cfg_gating_without_guidance_is_inert(pipe) -> None:  # noqa: ANN001
+    out = StageRunner(pipe, cfg_batching=True, guidance_rescale=0.0).run(_gated(4, 0.0, 1.0))
+    assert all([s.uncond for s in r.steps] == ["none"] * 4 for r in out.results)

@@ -56,7 +56,8 @@ def test_intercepted_call_matches_module(batched: bool) -> None:
     x, e = _inputs(2)
     expected = TinyUNet()(x, torch.tensor(5), encoder_hidden_states=e, return_dict=False)
     hook = DenoiserHook(pipe, SD, SerialBranchExecutor(batched=batched))
-    with hook.intercept(batch=2, guidance=True) as steps:
+    with hook.intercept(batch=2, guidance=True) as trace:
+        steps = trace.steps
         got = pipe.unet(x, torch.tensor(5), encoder_hidden_states=e, return_dict=False)
     assert isinstance(got, tuple) and len(got) == 1
     assert torch.equal(got[0], expected[0])
@@ -75,7 +76,8 @@ def test_steps_recorded_in_order() -> None:
     pipe = FakePipe()
     x, e = _inputs(1)
     hook = DenoiserHook(pipe, SD, SerialBranchExecutor(batched=True))
-    with hook.intercept(batch=1, guidance=True) as steps:
+    with hook.intercept(batch=1, guidance=True) as trace:
+        steps = trace.steps
         for t in (999, 500, 1):
             pipe.unet(x, torch.tensor(t), encoder_hidden_states=e, return_dict=False)
     assert [(s.step_index, s.timestep) for s in steps] == [(0, 999.0), (1, 500.0), (2, 1.0)]
@@ -85,7 +87,8 @@ def test_timestep_as_keyword() -> None:
     pipe = FakePipe()
     x, e = _inputs(1)
     hook = DenoiserHook(pipe, SD, SerialBranchExecutor(batched=False))
-    with hook.intercept(batch=1, guidance=True) as steps:
+    with hook.intercept(batch=1, guidance=True) as trace:
+        steps = trace.steps
         got = pipe.unet(x, timestep=torch.tensor(42.0), encoder_hidden_states=e, return_dict=False)
     assert torch.equal(got[0], x * 2 + e.mean())
     assert steps[0].timestep == 42.0
@@ -135,7 +138,8 @@ def test_no_guidance_records_none() -> None:
     x = torch.arange(2 * 3.0).reshape(2, 3)
     e = torch.arange(2 * 4.0).reshape(2, 1, 4)
     hook = DenoiserHook(pipe, SD, SerialBranchExecutor(batched=True))
-    with hook.intercept(batch=2, guidance=False) as steps:
+    with hook.intercept(batch=2, guidance=False) as trace:
+        steps = trace.steps
         got = pipe.unet(x, torch.tensor(3), encoder_hidden_states=e, return_dict=False)
     assert torch.equal(got[0], x * 2 + e.mean())
     assert pipe.unet.calls == [2]
@@ -168,7 +172,8 @@ def test_tensor_output_module() -> None:
     x = torch.arange(4.0)
     with DenoiserHook(pipe, conv, SerialBranchExecutor(batched=False)).intercept(
         batch=2, guidance=True
-    ) as steps:
+    ) as trace:
+        steps = trace.steps
         got = pipe.unet(x, torch.tensor(1.0))
     assert isinstance(got, torch.Tensor)
     assert torch.equal(got, x + 1)
