@@ -29,6 +29,7 @@ def main() -> None:
 @click.option("--steps", "num_inference_steps", type=int, default=50, show_default=True, help="num_inference_steps.")
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True, help="CFG scale; <= 1 disables guidance.")
 @click.option("--cfg-gate-step", type=float, default=1.0, show_default=True, help="Fraction F in [0, 1] of the steps after which the uncond forward is skipped and rebuilt from the cached delta; 1 = off.")
+@click.option("--cfg-gate-cosine", type=float, help="Adaptive gating: a sample stops running the uncond forward once the cosine similarity of its cond and uncond predictions reaches this, in [-1, 1] [default: off].")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="diffusers' guidance_rescale in [0, 1].")
 @click.option("--height", type=int, help="Pixels [default: the model's native size].")
 @click.option("--width", type=int, help="Pixels [default: the model's native size].")

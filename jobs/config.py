@@ -32,6 +32,9 @@ class BatchConfig:
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1] (sglang's cfg_gate_step): from step int(steps * F) on,
     the uncond forward is skipped and rebuilt from the cached cond - uncond delta; 1.0 = off."""
+    cfg_gate_cosine: float | None = None
+    """Adaptive gating: a sample stops running uncond once cos(cond, uncond) >= this, in
+    [-1, 1]; None = off."""
     guidance_rescale: float = 0.0
     """diffusers' guidance_rescale in [0, 1]; 0 = off."""
     height: int | None = None
@@ -65,6 +68,8 @@ class BatchConfig:
         need(self.num_inference_steps >= 1, "--steps", self.num_inference_steps, "must be >= 1")
         need(self.guidance_scale >= 0, "--guidance-scale", self.guidance_scale, "must be >= 0")
         need(0 <= self.cfg_gate_step <= 1, "--cfg-gate-step", self.cfg_gate_step, "must be in [0, 1]")
+        need(self.cfg_gate_cosine is None or -1 <= self.cfg_gate_cosine <= 1, "--cfg-gate-cosine",
+             self.cfg_gate_cosine, "must be in [-1, 1]")  # fmt: skip
         need(
             0 <= self.guidance_rescale <= 1,
             "--guidance-rescale",
@@ -120,6 +125,6 @@ class BatchConfig:
         keep = (
             "model", "dtype", "num_inference_steps", "guidance_scale", "guidance_rescale",
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
-            "cfg_batching", "cfg_gate_step",
+            "cfg_batching", "cfg_gate_step", "cfg_gate_cosine",
         )  # fmt: skip
         return {k: v for k, v in self.to_dict().items() if k in keep}

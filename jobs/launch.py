@@ -133,9 +133,10 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
     if platform.name == "cpu":
         echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
     echo(f"layout: {config.dims.describe()}")
-    if config.cfg_gate_step < 1 and config.guidance_scale <= 1:
-        echo(f"warning: --cfg-gate-step {config.cfg_gate_step:g} has no effect: --guidance-scale "
-             f"{config.guidance_scale:g} <= 1 runs no unconditional forward to skip")  # fmt: skip
+    gating = config.cfg_gate_step < 1 or config.cfg_gate_cosine is not None
+    if gating and config.guidance_scale <= 1:
+        echo(f"warning: CFG gating has no effect: --guidance-scale {config.guidance_scale:g} <= 1 "
+             "runs no unconditional forward to skip")  # fmt: skip
 
     record = _job_record(config, manifest, model, threads, platform.name)
     if overwrite:

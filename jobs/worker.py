@@ -102,7 +102,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     try:
         pipe = load_pipeline(model, dtype=parse_dtype(config.dtype, platform), device=device)
         runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
-                             guidance_rescale=config.guidance_rescale, group=group)  # fmt: skip
+                             guidance_rescale=config.guidance_rescale, group=group,
+                             cfg_gate_cosine=config.cfg_gate_cosine)  # fmt: skip
     except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
         raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
     stats.load_s = time.perf_counter() - start

@@ -5,7 +5,9 @@ different conditioning. How they run is this module's business; what they comput
 serial and CFG-parallel execution call the same per-branch forward, so with one branch per
 forward (``batched=False`` serially, or one branch per rank) they give the same bits.
 
-Shape legend: B = samples in the micro-batch, N = branches, K = ranks of the CFG group.
+Shape legend: B = samples in the micro-batch, N = branches, K = ranks of the CFG group. A
+branch may hold fewer than B samples (an uncond branch restricted to the samples that still
+need it under adaptive gating).
 """
 
 from __future__ import annotations
@@ -30,6 +32,28 @@ class Branch:
     """"cond", "uncond", ... (the pipeline's own branch order is kept by the caller)."""
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    size: int
+    """Samples in this branch: its tensors with that leading size are per-sample inputs."""
+
+    def take(self, index: Sequence[int]) -> Branch:
+        """The branch restricted to samples ``index`` (ascending); shared inputs unchanged."""
+        if list(index) == list(range(self.size)):
+            return self
+        lo, hi = (index[0], index[-1] + 1) if index else (0, 0)
+        if list(index) == list(range(lo, hi)):  # contiguous: views, no copy
+            fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t[lo:hi]
+        else:
+            fn = lambda t: t.index_select(0, torch.as_tensor(list(index), device=t.device))
+        return Branch(self.name, map_batch(self.args, fn, self.size),
+                      map_batch(self.kwargs, fn, self.size), len(index))  # fmt: skip
+
+    def with_inputs(self, name: str, **replace: Any) -> Branch:
+        """A sibling branch for a two-call pipeline: same inputs but ``replace`` (e.g. the
+        negative embeddings), per-sample tensors as fresh views so concatenation sees them as
+        per-branch data."""
+        view = lambda t: t[:]
+        kwargs = {**map_batch(self.kwargs, view, self.size), **replace}
+        return Branch(name, map_batch(self.args, view, self.size), kwargs, self.size)
 
 
 def map_batch(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int) -> Any:
@@ -68,25 +92,27 @@ def split_branches(
             name,
             map_batch(args, lambda t, i=i: t[i * b : (i + 1) * b], total_batch),
             map_batch(kwargs, lambda t, i=i: t[i * b : (i + 1) * b], total_batch),
+            b,
         )
         for i, name in enumerate(names)
     ]
 
 
-def concat_branches(branches: Sequence[Branch], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def concat_branches(branches: Sequence[Branch]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Inverse of split_branches: one call whose tensors hold every branch on dim 0."""
     first = branches[0]
     if len(branches) == 1:
         return first.args, first.kwargs
     flat_args = [b.args for b in branches]
     flat_kwargs = [b.kwargs for b in branches]
+    sizes = [b.size for b in branches]
 
     def cat_at(path_values: list[Any]) -> Any:
         head = path_values[0]
         if all(v is head for v in path_values):  # shared by the branches, never split
             return head
         if isinstance(head, torch.Tensor):
-            if head.dim() > 0 and head.shape[0] == batch:
+            if all(v.dim() > 0 and v.shape[0] == n for v, n in zip(path_values, sizes)):
                 return torch.cat(path_values, dim=0)
             return head
         if isinstance(head, dict):
@@ -98,10 +124,10 @@ def concat_branches(branches: Sequence[Branch], batch: int) -> tuple[tuple[Any, 
     return cat_at(flat_args), cat_at(flat_kwargs)
 
 
-def _run_local(branches: Sequence[Branch], forward: Forward, batch: int, batched: bool) -> list[torch.Tensor]:
+def _run_local(branches: Sequence[Branch], forward: Forward, batched: bool) -> list[torch.Tensor]:
     if batched and len(branches) > 1:
-        args, kwargs = concat_branches(branches, batch)
-        return list(forward(args, kwargs).split(batch, dim=0))
+        args, kwargs = concat_branches(branches)
+        return list(forward(args, kwargs).split([b.size for b in branches], dim=0))
     return [forward(b.args, b.kwargs) for b in branches]
 
 
@@ -115,25 +141,33 @@ class SerialBranchExecutor:
 
     def __init__(self, *, batched: bool) -> None:
         self.batched = batched
+        self.last_layout: list[tuple[str, int]] = []
+        """(branch name, CFG-group rank) of each forward input of the last step."""
 
-    def run(self, branches: Sequence[Branch], forward: Forward, batch: int) -> list[torch.Tensor]:
+    def run(self, branches: Sequence[Branch], forward: Forward) -> list[torch.Tensor]:
         """Run the branches.
 
         Args:
-            branches: N branches, each with inputs of batch dim ``batch``.
+            branches: N branches; branch i's tensors have ``branches[i].size`` samples.
             forward: the denoiser's own forward.
-            batch: B, samples per branch.
         Returns:
-            N predictions, each (B, ...), in branch order.
+            N predictions, prediction i of shape (branches[i].size, ...), in branch order.
         """
-        return _run_local(branches, forward, batch, self.batched)
-
-    def ranks_for(self, num_branches: int) -> list[int]:
-        """CFG-group rank that runs each branch: all on this one."""
-        return [0] * num_branches
+        self.last_layout = [(b.name, 0) for b in branches]
+        return _run_local(branches, forward, self.batched)
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _chunks(size: int, parts: int) -> list[list[int]]:
+    """``range(size)`` cut into ``min(parts, size)`` contiguous chunks, larger ones first."""
+    parts = min(parts, size)
+    base, extra = divmod(size, parts)
+    bounds = [0]
+    for r in range(parts):
+        bounds.append(bounds[-1] + base + (r < extra))
+    return [list(range(bounds[r], bounds[r + 1])) for r in range(parts)]
 
 
 class CfgParallelExecutor:
@@ -147,50 +181,68 @@ class CfgParallelExecutor:
     all-reduce ``s * cond`` and ``(1 - s) * uncond`` instead, which rounds differently and
     cancels badly in bf16 at large scales).
 
+    A step with a single branch (after the CFG gate, or without guidance) is, when ``batched``,
+    cut by samples into contiguous chunks, one per rank, so that no rank idles when the
+    micro-batch has at least K samples. Smaller forwards round differently, so this is within
+    float rounding of serial; with ``batched=False`` the branch runs whole on rank 0 and the
+    output is byte-identical to serial ``--no-cfg-batching``.
+
     A branch forward that raises on one rank raises ``GroupAborted`` on every rank at the same
     step (see ``CfgGroup.agree``), so the group stays in lockstep.
 
     Args:
         group: this rank's CFG group (size K >= 1).
-        batched: concatenate a rank's own branches into one forward.
+        batched: concatenate a rank's own branches into one forward, and split a lone branch
+            by samples.
     """
 
     def __init__(self, group: CfgGroup, *, batched: bool) -> None:
         self.group = group
         self.batched = batched
+        self.last_layout: list[tuple[str, int]] = []
+        """(branch name, CFG-group rank) of each forward input of the last step; a branch cut
+        by samples appears once per rank that ran a chunk of it."""
 
-    def ranks_for(self, num_branches: int) -> list[int]:
-        """CFG-group rank that runs each branch, in branch order."""
-        return [self.group.owner(i) for i in range(num_branches)]
-
-    def run(self, branches: Sequence[Branch], forward: Forward, batch: int) -> list[torch.Tensor]:
+    def run(self, branches: Sequence[Branch], forward: Forward) -> list[torch.Tensor]:
         """Run this rank's share of the branches and gather everyone's predictions.
 
         Args:
-            branches: the step's N >= 1 branches (identical on every rank of the group).
+            branches: the step's N >= 1 branches (identical on every rank of the group);
+                branch i's tensors have ``branches[i].size`` samples.
             forward: the denoiser's own forward.
-            batch: B, samples per branch.
         Returns:
-            N predictions, each (B, ...), in branch order, identical on every rank.
+            N predictions, prediction i of shape (branches[i].size, ...), in branch order,
+            identical on every rank.
         Raises:
             GroupAborted: a branch forward raised on some rank.
             CollectiveError: a rank died, hung past the collective timeout, or fell out of step.
         """
+        k = self.group.size
+        if self.batched and len(branches) == 1 and k > 1 and branches[0].size > 1:
+            whole = branches[0]
+            parts = [whole.take(idx) for idx in _chunks(whole.size, k)]
+            preds = self._run_dealt(parts, forward)
+            return [torch.cat(preds, dim=0)]
+        return self._run_dealt(branches, forward)
+
+    def _run_dealt(self, branches: Sequence[Branch], forward: Forward) -> list[torch.Tensor]:
         n, k, me = len(branches), self.group.size, self.group.rank
+        self.last_layout = [(b.name, self.group.owner(i)) for i, b in enumerate(branches)]
         mine = [b for i, b in enumerate(branches) if self.group.owner(i) == me]
         error, local = None, []
         try:
-            local = _run_local(mine, forward, batch, self.batched) if mine else []
-            if any(p.shape != local[0].shape or p.dtype != local[0].dtype for p in local):
-                raise RuntimeError("branch predictions differ in shape or dtype")
+            local = _run_local(mine, forward, self.batched) if mine else []
+            if any(p.shape[1:] != local[0].shape[1:] or p.dtype != local[0].dtype for p in local):
+                raise RuntimeError("branch predictions differ in sample shape or dtype")
             if local and local[0].dtype not in _DTYPES:
                 raise RuntimeError(f"cannot gather predictions of dtype {local[0].dtype}")
-            if local and 3 + local[0].dim() > PAYLOAD:
+            if local and 2 + local[0].dim() > PAYLOAD:
                 raise RuntimeError(f"cannot gather {local[0].dim()}-d predictions")
         except Exception as exc:  # noqa: BLE001 - announced to the group
             error = f"{type(exc).__name__}: {exc}"
+        # header: [holds predictions, dtype, ndim of one sample, *sample shape]
         meta = (
-            [1, _DTYPES.index(local[0].dtype), local[0].dim(), *local[0].shape]
+            [1, _DTYPES.index(local[0].dtype), local[0].dim() - 1, *local[0].shape[1:]]
             if local and error is None
             else [0]
         )
@@ -199,10 +251,11 @@ class CfgParallelExecutor:
         if any(r[: 3 + r[2]] != holders[0][: 3 + holders[0][2]] for r in holders):
             raise RuntimeError(f"CFG group ranks predicted different shapes: {holders}")
         dtype, ndim = _DTYPES[holders[0][1]], holders[0][2]
-        shape = tuple(holders[0][3 : 3 + ndim])
+        sample_shape = tuple(holders[0][3 : 3 + ndim])
         slots = -(-n // k)  # the most branches any rank holds
-        send = torch.zeros((slots, *shape), dtype=dtype, device=self.group.device)
+        rows_max = max(b.size for b in branches)  # every slot padded to the largest branch
+        send = torch.zeros((slots, rows_max, *sample_shape), dtype=dtype, device=self.group.device)
         for j, p in enumerate(local):
-            send[j] = p
+            send[j, : p.shape[0]] = p
         gathered = self.group.all_gather(send)
-        return [gathered[self.group.owner(i)][i // k] for i in range(n)]
+        return [gathered[self.group.owner(i)][i // k][: b.size] for i, b in enumerate(branches)]

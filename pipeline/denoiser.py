@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
-from parallel.branches import CfgParallelExecutor, SerialBranchExecutor, split_branches
+from parallel.branches import Branch, CfgParallelExecutor, SerialBranchExecutor, split_branches
 from pipeline.families import CfgConvention
 from pipeline.gating import CfgGate
 
@@ -42,7 +42,11 @@ class StepRecord:
     """Wall seconds in the denoiser for this step on this rank: its branch forwards and, under
     CFG parallelism, the gather of the other ranks' predictions."""
     branches: tuple[tuple[str, int], ...] = ()
-    """(branch name, CFG-group rank that ran it), in the pipeline's branch order."""
+    """(branch name, CFG-group rank that ran it), in the pipeline's branch order; a branch cut
+    by samples across the group appears once per rank."""
+    unconds: tuple[str, ...] = ()
+    """Per sample of the micro-batch: "fresh", "reused" or "none" (``uncond`` is the
+    sample's own value once results are split per sample)."""
 
 
 @dataclass
@@ -100,22 +104,30 @@ class DenoiserHook:
     """
 
     def __init__(self, pipe: Any, convention: CfgConvention, executor: Executor) -> None:
-        if not convention.batched:
-            raise NotImplementedError("two-call CFG pipelines are not supported yet")
         self.pipe = pipe
         self.convention = convention
         self.executor = executor
 
     @contextmanager
-    def intercept(self, *, batch: int, guidance: bool, cfg_gate_step: float = 1.0) -> Iterator[DenoiseTrace]:
+    def intercept(self, *, batch: int, guidance: bool, cfg_gate_step: float = 1.0,
+                  cfg_gate_cosine: float | None = None,
+                  uncond_inputs: dict[str, Any] | None = None) -> Iterator[DenoiseTrace]:  # fmt: skip
         """Wrap the denoisers for one pipeline call; yields the trace its steps are recorded in.
 
         Args:
-            batch: B, images in the micro-batch.
+            batch: B, samples in the micro-batch.
             guidance: whether the pipeline runs CFG (guidance_scale > 1).
             cfg_gate_step: gating fraction F in [0, 1]; 1.0 = off (see pipeline.gating).
+            cfg_gate_cosine: adaptive gating threshold G, or None.
+            uncond_inputs: two-call pipelines: the keyword inputs of the uncond call that differ
+                from the cond call (the negative embeddings, (B, L, D)), so that both branches
+                can run at the step's first call.
+        Raises:
+            ValueError: a two-call convention with guidance but no ``uncond_inputs``.
         """
-        trace = DenoiseTrace([], CfgGate(cfg_gate_step))
+        if guidance and not self.convention.batched and uncond_inputs is None:
+            raise ValueError("a two-call pipeline needs uncond_inputs to run its branches")
+        trace = DenoiseTrace([], CfgGate(cfg_gate_step, batch, cfg_gate_cosine))
         modules = [
             (name, getattr(self.pipe, name))
             for name in self.convention.denoisers
@@ -123,7 +135,8 @@ class DenoiserHook:
         ]
         saved = [module.__dict__.get("forward") for _, module in modules]
         for name, module in modules:
-            module.forward = self._wrap(name, module.forward, batch, guidance, trace)
+            module.forward = self._wrap(name, module.forward, batch, guidance, trace,
+                                        uncond_inputs or {})  # fmt: skip
         try:
             yield trace
         finally:
@@ -133,18 +146,22 @@ class DenoiserHook:
                 else:
                     module.forward = prior
 
-    def _wrap(self, name: str, forward: Any, batch: int, guidance: bool, trace: DenoiseTrace):
+    def _wrap(self, name: str, forward: Any, batch: int, guidance: bool, trace: DenoiseTrace,
+              uncond_inputs: dict[str, Any]):  # fmt: skip
+        one_call = self.convention.batched
         names = self.convention.branch_order if guidance else ("cond",)
-        gate = trace.gate
+        pending: list[torch.Tensor] = []  # two-call: the uncond prediction for the next call
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if pending:  # two-call pipelines: the step's uncond call, already computed
+                return _rebuild(None, pending.pop(), kwargs.get("return_dict", True))
             start = time.perf_counter()
             sample = _first_tensor(args, kwargs)
-            total = batch * len(names)
-            if sample.shape[0] != total:
+            calls = len(names) if one_call else 1
+            if sample.shape[0] != batch * calls:
                 raise RuntimeError(
-                    f"{name} called with batch {sample.shape[0]}, expected {total} "
-                    f"({len(names)} branches x {batch} images)"
+                    f"{name} called with batch {sample.shape[0]}, expected {batch * calls} "
+                    f"({calls} branch(es) x {batch} samples)"
                 )
             template: list[Any] = []
 
@@ -153,32 +170,48 @@ class DenoiserHook:
                 template.append(out)
                 return _prediction(out)
 
+            if one_call:
+                branches = split_branches(names, args, kwargs, batch * len(names))
+            else:
+                cond = Branch("cond", args, kwargs, batch)
+                branches = [cond] + [cond.with_inputs(n, **uncond_inputs) for n in names[1:]]
             step = len(trace.steps)
-            branches = split_branches(names, args, kwargs, total)
-            gating = guidance and gate.fraction < 1.0
-            reuse = gating and gate.reuse(step, len(self.pipe.scheduler.timesteps), name)
-            running = [b for b in branches if b.name == "cond"] if reuse else branches
-            ran = dict(zip([b.name for b in running], self.executor.run(running, run, batch)))
-            if reuse:
-                ran["uncond"] = gate.uncond(ran["cond"])
-            elif gating:
-                gate.store(name, ran["cond"], ran["uncond"])
-            result = _rebuild(
-                template[0] if template else None,
-                torch.cat([ran[n] for n in names], dim=0),
-                kwargs.get("return_dict", True),
+            gate = trace.gate
+            fresh = (
+                gate.fresh(step, len(self.pipe.scheduler.timesteps), name)
+                if guidance and gate.active
+                else list(range(batch))
             )
+            running = [
+                b.take(fresh) if b.name == "uncond" else b
+                for b in branches
+                if b.name != "uncond" or fresh
+            ]
+            ran = dict(zip([b.name for b in running], self.executor.run(running, run)))
+            if guidance:
+                ran["uncond"] = gate.combine(name, fresh, ran["cond"], ran.get("uncond"))
+            unconds = tuple(
+                "none" if not guidance else "fresh" if i in fresh else "reused"
+                for i in range(batch)
+            )
+            return_dict = kwargs.get("return_dict", True)
+            if one_call:
+                result = _rebuild(template[0] if template else None,
+                                  torch.cat([ran[n] for n in names], dim=0), return_dict)  # fmt: skip
+            else:
+                result = _rebuild(template[0] if template else None, ran["cond"], return_dict)
+                if guidance:
+                    pending.append(ran["uncond"])
             timestep = args[1] if len(args) > 1 else kwargs.get("timestep", 0)
             trace.steps.append(
                 StepRecord(
                     step_index=step,
                     timestep=float(torch.as_tensor(timestep).flatten()[0]),
                     denoiser=name,
-                    uncond="none" if not guidance else "reused" if reuse else "fresh",
+                    uncond=unconds[0] if len(set(unconds)) == 1 else "mixed",
                     step_s=time.perf_counter() - start,
-                    branches=tuple(
-                        zip([b.name for b in running], self.executor.ranks_for(len(running)))
-                    ),
+                    branches=tuple(self.executor.last_layout),
+                    unconds=unconds,
                 )
             )
             return result

@@ -52,6 +52,10 @@ class StableDiffusionFamily:
     """StableDiffusionPipeline: one UNet call per step on [uncond; cond] (uncond first)."""
 
     convention = CfgConvention(batched=True, branch_order=("uncond", "cond"), denoisers=("unet",))
+    cond_kwarg = "encoder_hidden_states"
+    """The denoiser argument that carries the text conditioning."""
+    output_kind = "image"
+    """"image" (PIL images from decode) or "video" (frame arrays)."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe

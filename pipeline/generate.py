@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -91,12 +91,13 @@ class StageRunner:
             forward per branch (False).
         guidance_rescale: diffusers' guidance_rescale in [0, 1].
         group: this rank's CFG group; None or size 1 runs every branch here.
+        cfg_gate_cosine: adaptive CFG gating threshold G in [-1, 1], or None (pipeline.gating).
     Raises:
         UnsupportedPipelineError: the pipeline class is not supported.
     """
 
     def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float,
-                 group: CfgGroup | None = None) -> None:  # fmt: skip
+                 group: CfgGroup | None = None, cfg_gate_cosine: float | None = None) -> None:  # fmt: skip
         self.family = family_for(pipe)
         self.group = group or CfgGroup(None)
         executor = (
@@ -106,6 +107,7 @@ class StageRunner:
         )
         self.hook = DenoiserHook(pipe, self.family.convention, executor)
         self.guidance_rescale = guidance_rescale
+        self.cfg_gate_cosine = cfg_gate_cosine
 
     def run(self, requests: Sequence[SampleRequest], decode: Sequence[bool] | None = None) -> BatchOutput:
         """Generate a micro-batch; never raises for a per-sample failure.
@@ -159,8 +161,13 @@ class StageRunner:
 
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
             start = time.perf_counter()
+            uncond_inputs = None
+            if guidance and not self.family.convention.batched:
+                uncond_inputs = {self.family.cond_kwarg: cond.negative_prompt_embeds_BLD}
             with self.hook.intercept(batch=len(requests), guidance=guidance,
-                                     cfg_gate_step=first.cfg_gate_step) as trace:  # fmt: skip
+                                     cfg_gate_step=first.cfg_gate_step,
+                                     cfg_gate_cosine=self.cfg_gate_cosine,
+                                     uncond_inputs=uncond_inputs) as trace:  # fmt: skip
                 latents = self.family.denoise(
                     cond,
                     generators,
@@ -174,9 +181,13 @@ class StageRunner:
 
         results = []
         for i, request in enumerate(requests):
-            result = SampleResult(request, steps=list(trace.steps), denoise_s=denoise_s,
-                                  invalidations=trace.gate.invalidations,
-                                  gate_step=trace.gate.first_reused)  # fmt: skip
+            result = SampleResult(
+                request,
+                steps=[replace(s, uncond=s.unconds[i]) for s in trace.steps],
+                denoise_s=denoise_s,
+                invalidations=trace.gate.invalidations,
+                gate_step=trace.gate.first_reused[i],
+            )
             if not torch.isfinite(latents[i]).all():
                 result.error = "non-finite latents after denoising"
             elif decode[i]:

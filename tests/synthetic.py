@@ -39,4 +39,4 @@ class Predictor:
 
 
 def serial_predictions(n: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    return SerialBranchExecutor(batched=False).run(make_branches(n, dtype), Predictor(), B)
+    return SerialBranchExecutor(batched=False).run(make_branches(n, dtype), Predictor())

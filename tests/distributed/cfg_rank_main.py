@@ -26,7 +26,7 @@ from parallel.cfg_group import CollectiveError, GroupAborted
 from parallel.dims import ParallelDims
 from parallel.group import cfg_group, init_ranks
 from parallel.platform import detect_platform
-from tests.synthetic import B, Predictor, make_branches, serial_predictions
+from tests.synthetic import Predictor, make_branches, serial_predictions
 
 
 def _steps(executor: CfgParallelExecutor, report: dict) -> None:
@@ -35,7 +35,7 @@ def _steps(executor: CfgParallelExecutor, report: dict) -> None:
         for batched in (False, True):
             executor.batched = batched
             predictor = Predictor()
-            preds = executor.run(make_branches(n), predictor, B)
+            preds = executor.run(make_branches(n), predictor)
             one_per_forward = not batched or len(predictor.calls) <= 1
             report[f"n{n}-{'batched' if batched else 'separate'}"] = {
                 "exact": all(torch.equal(p, e) for p, e in zip(preds, expected)),
@@ -49,7 +49,7 @@ def _steps(executor: CfgParallelExecutor, report: dict) -> None:
     outcomes = []
     for _ in range(3):
         try:
-            executor.run(make_branches(2), predictor, B)
+            executor.run(make_branches(2), predictor)
             outcomes.append("ok")
         except GroupAborted as exc:
             outcomes.append(str(exc))
@@ -70,7 +70,7 @@ def main() -> None:
     if scenario == "steps":
         _steps(executor, report)
     else:
-        executor.run(make_branches(2), Predictor(), B)  # one good step first
+        executor.run(make_branches(2), Predictor())  # one good step first
         if culprit and scenario == "die":
             out.write_text(json.dumps({**report, "died": True}))
             os._exit(1)
@@ -81,7 +81,7 @@ def main() -> None:
         start = time.monotonic()
         try:
             for _ in range(1000):
-                executor.run(make_branches(2), Predictor(), B)
+                executor.run(make_branches(2), Predictor())
             report["error"] = None
         except CollectiveError as exc:
             report["error"] = str(exc)

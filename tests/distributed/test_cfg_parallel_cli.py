@@ -5,6 +5,7 @@ Every run uses OMP_NUM_THREADS=1, so all ranks use the same CPU kernels (see REA
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ RUNS = {
     "g1sep": ["--gpus", "1", "--no-cfg-batching"],
     "g2c2sep": ["--gpus", "2", "--cfg-parallel-size", "2", "--no-cfg-batching"],
     "g1sep_gate": ["--gpus", "1", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
+    "g2c2sep_gate": ["--gpus", "2", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
     "g2c2_gate": ["--gpus", "2", "--cfg-gate-step", "0.5"],
 }
 
@@ -83,31 +85,38 @@ def _same_bytes(a: Path, b: Path, rows: int = 10, steps: int = STEPS) -> None:
 
 
 @pytest.mark.parametrize(("a", "b"), [("g2c2", "g4c2"), ("g1", "g2c1"), ("g1sep", "g2c2sep"),
-                                      ("g2c2", "g2c2sep"), ("g1sep_gate", "g2c2_gate")])  # fmt: skip
+                                      ("g2c2", "g2c2sep"), ("g1sep_gate", "g2c2sep_gate")])  # fmt: skip
 def test_byte_identical(outs: dict[str, tuple[Path, str]], a: str, b: str) -> None:
     """cfg 2 on 2 or 4 ranks; dp only; separate forwards serial vs CFG-parallel; and CFG
     parallel with or without batching (each rank holds one branch either way)."""
     _same_bytes(outs[a][0], outs[b][0])
 
 
-def test_batched_serial_within_one_level(outs: dict[str, tuple[Path, str]]) -> None:
-    """One concatenated forward (serial default) vs one branch per rank: float rounding only."""
-    a, b = _samples(outs["g1"][0]), _samples(outs["g2c2"][0])
+def _max_pixel_diff(a: Path, b: Path) -> list[int]:
     diffs = []
-    for x, y in zip(a.column("image").to_pylist(), b.column("image").to_pylist()):
+    for x, y in zip(_samples(a).column("image").to_pylist(), _samples(b).column("image").to_pylist()):
         if x is None:
             assert y is None
             continue
-        ix = np.asarray(Image.open(__import__("io").BytesIO(x["bytes"])), np.int16)
-        iy = np.asarray(Image.open(__import__("io").BytesIO(y["bytes"])), np.int16)
+        ix = np.asarray(Image.open(io.BytesIO(x["bytes"])), np.int16)
+        iy = np.asarray(Image.open(io.BytesIO(y["bytes"])), np.int16)
         diffs.append(int(np.abs(ix - iy).max()))
+    return diffs
+
+
+@pytest.mark.parametrize(("a", "b"), [("g1", "g2c2"), ("g1sep_gate", "g2c2_gate")])
+def test_batched_within_one_level(outs: dict[str, tuple[Path, str]], a: str, b: str) -> None:
+    """Batched forwards (serial concat, or a gated cond cut by samples over the group) differ
+    from one-branch forwards by float rounding only."""
+    diffs = _max_pixel_diff(outs[a][0], outs[b][0])
     assert len(diffs) == 10 and max(diffs) <= 1, diffs
 
 
 def test_gating_counts_in_both_parquets(outs: dict[str, tuple[Path, str]]) -> None:
-    """--cfg-gate-step 0.5 at 6 steps: 3 fresh, 3 reused per guided sample; the reused steps
-    ran cond alone, on cfg rank 0."""
-    out, stdout = outs["g2c2_gate"]
+    """--cfg-gate-step 0.5 at 6 steps: 3 fresh, 3 reused per guided sample; with separate
+    forwards the reused steps ran cond whole on cfg rank 0, with batching (the default) cut by
+    samples over both ranks."""
+    out, stdout = outs["g2c2sep_gate"]
     samples = _samples(out).to_pylist()
     for s in samples:
         guided = s["status"] == "ok" and s["guidance_scale"] > 1
@@ -120,6 +129,11 @@ def test_gating_counts_in_both_parquets(outs: dict[str, tuple[Path, str]]) -> No
     assert all(s["branches"] == [{"name": "cond", "cfg_rank": 0}] for s in reused)
     assert "cfg gating: 27 fresh, 27 reused unconditional predictions (50% skipped), 0 invalidations" in stdout
     assert "cfg gating: 54 fresh, 0 reused" in outs["g1"][1]
+    batched = [s for s in pq.read_table(outs["g2c2_gate"][0] / "steps").to_pylist()
+               if s["uncond"] == "reused"]  # fmt: skip
+    assert len(batched) == 27
+    assert all(s["branches"] == [{"name": "cond", "cfg_rank": 0}, {"name": "cond", "cfg_rank": 1}]
+               for s in batched)  # fmt: skip
 
 
 def test_layout_printed_and_recorded(outs: dict[str, tuple[Path, str]]) -> None:

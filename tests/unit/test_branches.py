@@ -73,7 +73,7 @@ def test_map_batch_keeps_containers_and_other_sizes() -> None:
 def test_concat_inverts_split() -> None:
     args, kwargs = _inputs()
     branches = split_branches(NAMES, args, kwargs, 4)
-    cargs, ckwargs = concat_branches(branches, 2)
+    cargs, ckwargs = concat_branches(branches)
     assert torch.equal(cargs[0], args[0])
     assert torch.equal(cargs[1], args[1])
     assert torch.equal(ckwargs["encoder_hidden_states"], kwargs["encoder_hidden_states"])
@@ -83,8 +83,8 @@ def test_concat_inverts_split() -> None:
 
 
 def test_concat_single_branch_is_identity() -> None:
-    b = Branch("cond", (torch.ones(2),), {"k": torch.zeros(2)})
-    args, kwargs = concat_branches([b], 2)
+    b = Branch("cond", (torch.ones(2),), {"k": torch.zeros(2)}, 2)
+    args, kwargs = concat_branches([b])
     assert args is b.args and kwargs is b.kwargs
 
 
@@ -92,7 +92,7 @@ def test_concat_inverts_split_with_shared_leading_dim_one_tensor() -> None:
     """B = 1: a shared (1,)-shaped timestep is not split, so it must not be concatenated."""
     x = torch.arange(2.0).reshape(2, 1)
     t = torch.tensor([5.0])
-    args, _ = concat_branches(split_branches(NAMES, (x, t), {}, 2), 1)
+    args, _ = concat_branches(split_branches(NAMES, (x, t), {}, 2))
     assert torch.equal(args[0], x)
     assert args[1].shape == t.shape
 
@@ -110,7 +110,7 @@ def test_serial_batched_one_forward() -> None:
     args, kwargs = _inputs()
     calls: list[torch.Tensor] = []
     out = SerialBranchExecutor(batched=True).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise(calls), 2
+        split_branches(NAMES, args, kwargs, 4), _elementwise(calls)
     )
     assert len(calls) == 1
     assert calls[0].shape[0] == 4
@@ -124,7 +124,7 @@ def test_serial_unbatched_one_forward_per_branch() -> None:
     args, kwargs = _inputs()
     calls: list[torch.Tensor] = []
     out = SerialBranchExecutor(batched=False).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise(calls), 2
+        split_branches(NAMES, args, kwargs, 4), _elementwise(calls)
     )
     assert len(calls) == 2
     assert torch.equal(calls[0], args[0][:2]) and torch.equal(calls[1], args[0][2:])
@@ -135,10 +135,10 @@ def test_serial_unbatched_one_forward_per_branch() -> None:
 def test_batched_and_unbatched_agree() -> None:
     args, kwargs = _inputs()
     batched = SerialBranchExecutor(batched=True).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise([]), 2
+        split_branches(NAMES, args, kwargs, 4), _elementwise([])
     )
     serial = SerialBranchExecutor(batched=False).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise([]), 2
+        split_branches(NAMES, args, kwargs, 4), _elementwise([])
     )
     assert len(batched) == len(serial) == 2
     for a, b in zip(batched, serial):
@@ -151,6 +151,29 @@ def test_batched_single_branch_calls_once() -> None:
     branches = split_branches(
         ("cond",), (x, torch.tensor(1.0)), {"encoder_hidden_states": torch.zeros(3, 1, 1)}, 3
     )
-    (out,) = SerialBranchExecutor(batched=True).run(branches, _elementwise(calls), 3)
+    (out,) = SerialBranchExecutor(batched=True).run(branches, _elementwise(calls))
     assert len(calls) == 1
     assert torch.equal(out, x * 3 + 1)
+
+
+def test_uneven_branches_concatenate_and_split_back() -> None:
+    """An uncond branch restricted to some samples, next to a full cond branch."""
+    args, kwargs = _inputs()
+    cond = split_branches(NAMES, args, kwargs, 4)[1]
+    uncond = split_branches(NAMES, args, kwargs, 4)[0].take([1])
+    assert uncond.size == 1 and torch.equal(uncond.args[0], args[0][1:2])
+    calls: list[torch.Tensor] = []
+    out = SerialBranchExecutor(batched=True).run([uncond, cond], _elementwise(calls))
+    assert [c.shape[0] for c in calls] == [3]
+    full = _elementwise([])(args, kwargs)
+    assert torch.equal(out[0], full[1:2]) and torch.equal(out[1], full[2:])
+
+
+def test_two_call_sibling_branch_concatenates_shared_inputs() -> None:
+    """Two-call pipelines pass the same latents object to both calls: still per-branch data."""
+    x = torch.arange(4.0).reshape(2, 2)
+    cond = Branch("cond", (x, torch.tensor(1.0)), {"encoder_hidden_states": torch.ones(2, 1, 1)}, 2)
+    uncond = cond.with_inputs("uncond", encoder_hidden_states=torch.zeros(2, 1, 1))
+    args, kwargs = concat_branches([cond, uncond])
+    assert torch.equal(args[0], torch.cat([x, x]))
+    assert torch.equal(kwargs["encoder_hidden_states"].flatten(), torch.tensor([1.0, 1, 0, 0]))

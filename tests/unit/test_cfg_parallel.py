@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from parallel.branches import CfgParallelExecutor
+from parallel.branches import CfgParallelExecutor, SerialBranchExecutor
 from parallel.cfg_group import CfgGroup, CollectiveError, GroupAborted
 from tests.synthetic import B, Predictor, make_branches, serial_predictions
 
@@ -79,17 +79,20 @@ def test_every_rank_gets_the_serial_predictions(n: int, k: int, batched: bool) -
 
     def step(group: CfgGroup) -> tuple[list[torch.Tensor], list[int]]:
         predictor = Predictor()
-        preds = CfgParallelExecutor(group, batched=batched).run(make_branches(n), predictor, B)
+        preds = CfgParallelExecutor(group, batched=batched).run(make_branches(n), predictor)
         return preds, predictor.calls
 
+    split = batched and n == 1  # a lone branch is cut by samples, one chunk per rank
     for rank, (preds, calls) in enumerate(run_group(k, step)):
         assert len(preds) == n
-        if not batched or len(calls) <= 1:  # one branch per forward: the serial computation
+        if not split and (not batched or len(calls) <= 1):  # one branch per forward: serial bits
             assert all(torch.equal(p, e) for p, e in zip(preds, expected)), f"rank {rank}"
         else:
             assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(preds, expected))
         own = len(range(rank, n, k))  # branches i with i % k == rank
-        if own == 0:
+        if split:
+            assert calls == ([1] if rank < B else []), f"rank {rank} runs one sample of the cond"
+        elif own == 0:
             assert calls == [], f"idle rank {rank} ran a forward"
         elif batched:
             assert calls == [own * B], f"rank {rank} should run its {own} branches in one forward"
@@ -98,18 +101,23 @@ def test_every_rank_gets_the_serial_predictions(n: int, k: int, batched: bool) -
 
 
 def test_layout_is_round_robin() -> None:
-    executor = CfgParallelExecutor(CfgGroup(None), batched=True)
-    assert executor.ranks_for(3) == [0, 0, 0]
-    (ranks,) = run_group(1, lambda g: CfgParallelExecutor(g, batched=True).ranks_for(3))
-    assert ranks == [0, 0, 0]
-    ranks = run_group(2, lambda g: CfgParallelExecutor(g, batched=True).ranks_for(3))
-    assert ranks == [[0, 1, 0], [0, 1, 0]]
+    def layout(group: CfgGroup, batched: bool, n: int) -> list[tuple[str, int]]:
+        executor = CfgParallelExecutor(group, batched=batched)
+        executor.run(make_branches(n), Predictor())
+        return executor.last_layout
+
+    assert run_group(2, lambda g: layout(g, True, 3)) == [[("b0", 0), ("b1", 1), ("b2", 0)]] * 2
+    assert run_group(2, lambda g: layout(g, True, 1)) == [[("b0", 0), ("b0", 1)]] * 2  # cut by samples
+    assert run_group(2, lambda g: layout(g, False, 1)) == [[("b0", 0)]] * 2  # whole, on rank 0
+    serial = SerialBranchExecutor(batched=True)
+    serial.run(make_branches(2), Predictor())
+    assert serial.last_layout == [("b0", 0), ("b1", 0)]
 
 
 def test_bf16_predictions_gathered_bit_exact() -> None:
     expected = serial_predictions(2, torch.bfloat16)
     results = run_group(
-        2, lambda g: CfgParallelExecutor(g, batched=False).run(make_branches(2, torch.bfloat16), Predictor(), B)
+        2, lambda g: CfgParallelExecutor(g, batched=False).run(make_branches(2, torch.bfloat16), Predictor())
     )
     for preds in results:
         assert all(p.dtype == torch.bfloat16 and torch.equal(p, e) for p, e in zip(preds, expected))
@@ -126,7 +134,7 @@ def test_failing_branch_aborts_every_rank_then_the_group_goes_on() -> None:
         outcomes: list[Any] = []
         for _ in range(3):
             try:
-                outcomes.append(executor.run(make_branches(2), predictor, B))
+                outcomes.append(executor.run(make_branches(2), predictor))
             except GroupAborted as exc:
                 outcomes.append(exc)
         return outcomes
@@ -151,7 +159,7 @@ def test_lockstep_failure_outside_the_denoiser() -> None:
                 with group.lockstep():
                     if group.rank == 0 and attempt == 0:
                         raise RuntimeError("encode failed")
-                    outcomes.append(executor.run(make_branches(2), Predictor(), B))
+                    outcomes.append(executor.run(make_branches(2), Predictor()))
             except GroupAborted as exc:
                 outcomes.append(exc)
         return outcomes
@@ -167,7 +175,7 @@ def test_lockstep_failure_after_the_last_step() -> None:
     def call(group: CfgGroup) -> Any:
         try:
             with group.lockstep():
-                CfgParallelExecutor(group, batched=True).run(make_branches(2), Predictor(), B)
+                CfgParallelExecutor(group, batched=True).run(make_branches(2), Predictor())
                 if group.rank == 1:
                     raise KeyError("late")
         except GroupAborted as exc:
@@ -207,4 +215,4 @@ def test_collective_error_is_not_turned_into_a_group_abort() -> None:
     group = CfgGroup(ThreadTransport(board, 0))  # rank 1 never shows up
     with pytest.raises(CollectiveError):
         with group.lockstep():
-            CfgParallelExecutor(group, batched=True).run(make_branches(2), Predictor(), B)
+            CfgParallelExecutor(group, batched=True).run(make_branches(2), Predictor())

@@ -180,7 +180,8 @@ def test_tensor_output_module() -> None:
     assert [s.denoiser for s in steps] == ["unet"]
 
 
-def test_two_call_convention_not_supported() -> None:
+def test_two_call_convention_needs_the_uncond_inputs() -> None:
     conv = CfgConvention(batched=False, branch_order=("cond", "uncond"), denoisers=("unet",))
-    with pytest.raises(NotImplementedError):
-        DenoiserHook(FakePipe(), conv, SerialBranchExecutor(batched=True))
+    hook = DenoiserHook(FakePipe(), conv, SerialBranchExecutor(batched=True))
+    with pytest.raises(ValueError, match="uncond_inputs"), hook.intercept(batch=1, guidance=True):
+        pass
