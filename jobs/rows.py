@@ -110,7 +110,7 @@ def plan_rows(table: pa.Table, first_row: int, defaults: GenerationDefaults) -> 
                 width=v["width"],
                 num_inference_steps=v["num_inference_steps"],
                 guidance_scale=v["guidance_scale"],
-                cfg_gate_step=v["cfg_gate_step"] if 0.0 <= v["cfg_gate_step"] <= 1.0 else 1.0,
+                cfg_gate_step=v["cfg_gate_step"],
             )
             samples.append(PlannedSample(row_index, image_index, request, error))
     return samples

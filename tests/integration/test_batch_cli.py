@@ -117,10 +117,46 @@ def test_row_errors_do_not_stop_the_job(tmp_path: Path) -> None:
     assert "2 ok, 3 error" in proc.stdout
 
 
+def test_per_row_cfg_gate_step(tmp_path: Path) -> None:
+    """`--cfg-gate-step 0.5` for the job; rows override it; an out-of-range value is an error
+    row; the counts land in both parquets and in the run's summary line."""
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table({"prompt": ["a cat", "a dog", "a cow", "a hen"],
+                  "cfg_gate_step": pa.array([None, 0.0, 1.0, 2.0], pa.float64())}),  # fmt: skip
+        manifest,
+    )
+    proc = run_gen("batch", str(manifest), "--out", str(tmp_path / "o"), "--steps", "8",
+                   "--cfg-gate-step", "0.5")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = pq.read_table(tmp_path / "o" / "samples").to_pylist()
+    got = [(s["status"], s["cfg_gate_step"], s["fresh_uncond"], s["reused_uncond"], s["gate_step"])
+           for s in samples]  # fmt: skip
+    assert got == [("ok", 0.5, 4, 4, 4), ("ok", 0.0, 1, 7, 1), ("ok", 1.0, 8, 0, None),
+                   ("error", 2.0, 0, 0, None)]  # fmt: skip
+    assert "cfg_gate_step 2.0 must be in [0, 1]" in samples[3]["error"]
+    steps = pq.read_table(tmp_path / "o" / "steps").to_pylist()
+    assert [s["uncond"] for s in steps if s["sample_id"] == samples[0]["sample_id"]] == (
+        ["fresh"] * 4 + ["reused"] * 4
+    )
+    assert "cfg gating: 13 fresh, 11 reused unconditional predictions (46% skipped), 0 invalidations" in proc.stdout
+
+
+def test_gating_without_guidance_warns_once(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "m.parquet")
+    proc = run_gen("batch", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "o"), "--steps", "2",
+                   "--guidance-scale", "1", "--cfg-gate-step", "0.5")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("warning: CFG gating has no effect: --guidance-scale 1 <= 1") == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["missing.parquet"], "no such file"),
+        (["{ok}", "--cfg-gate-step", "1.5"], "--cfg-gate-step 1.5 is invalid: must be in [0, 1]"),
+        (["{ok}", "--cfg-gate-cosine", "2"], "--cfg-gate-cosine 2.0 is invalid: must be in [-1, 1]"),
+        (["{textgate}"], "cfg_gate_step"),
         (["{dir}"], "is a directory"),
         (["{notparquet}"], "not a readable parquet file"),
         (["{noprompt}"], "no 'prompt' column"),
@@ -136,8 +172,10 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
     (tmp_path / "notparquet").write_text("prompt\na cat\n")
     pq.write_table(pa.table({"text": ["a cat"]}), tmp_path / "noprompt")
     pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "ok")
+    pq.write_table(pa.table({"prompt": ["a cat"], "cfg_gate_step": ["half"]}), tmp_path / "textgate")
     paths = {"dir": tmp_path, "notparquet": tmp_path / "notparquet",
-             "noprompt": tmp_path / "noprompt", "ok": tmp_path / "ok"}  # fmt: skip
+             "noprompt": tmp_path / "noprompt", "ok": tmp_path / "ok",
+             "textgate": tmp_path / "textgate"}  # fmt: skip
     argv = [a.format(**paths) for a in args]
     proc = run_gen("batch", *argv, "--out", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
