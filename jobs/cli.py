@@ -33,6 +33,7 @@ def main() -> None:
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="diffusers' guidance_rescale in [0, 1].")
 @click.option("--height", type=int, help="Pixels [default: the model's native size].")
 @click.option("--width", type=int, help="Pixels [default: the model's native size].")
+@click.option("--num-frames", type=int, help="Video models: frames per video [default: the model's].")
 @click.option("--images-per-prompt", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Prompts per denoiser forward.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Job seed for rows without a `seed`.")

@@ -41,6 +41,8 @@ class BatchConfig:
     """Pixels, > 0, multiple of 8; None = the model's native size."""
     width: int | None = None
     """Pixels, > 0, multiple of 8; None = the model's native size."""
+    num_frames: int | None = None
+    """Video models: frames per video, >= 1 (Wan: 4k + 1); None = the model's default."""
     images_per_prompt: int = 1
     """Images per manifest row, >= 1 (diffusers' num_images_per_prompt)."""
     batch_size: int = 4
@@ -83,6 +85,7 @@ class BatchConfig:
                 value,
                 "must be a positive multiple of 8",
             )
+        need(self.num_frames is None or self.num_frames >= 1, "--num-frames", self.num_frames, ">= 1")
         need(self.images_per_prompt >= 1, "--images-per-prompt", self.images_per_prompt, ">= 1")
         need(self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1")
         need(0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2**63)")
@@ -123,7 +126,7 @@ class BatchConfig:
     def generation_options(self) -> dict[str, Any]:
         """The options that change what is generated (compared when re-running into an OUT)."""
         keep = (
-            "model", "dtype", "num_inference_steps", "guidance_scale", "guidance_rescale",
+            "model", "dtype", "num_inference_steps", "num_frames", "guidance_scale", "guidance_rescale",
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
             "cfg_batching", "cfg_gate_step", "cfg_gate_cosine",
         )  # fmt: skip

@@ -26,6 +26,8 @@ class GenerationDefaults:
     guidance_scale: float
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1]; 1.0 = off."""
+    num_frames: int | None = None
+    """Video models: frames per video; None for image models."""
     images_per_prompt: int
     seed: int
     """Job seed, for rows without a ``seed``."""
@@ -111,6 +113,7 @@ def plan_rows(table: pa.Table, first_row: int, defaults: GenerationDefaults) -> 
                 num_inference_steps=v["num_inference_steps"],
                 guidance_scale=v["guidance_scale"],
                 cfg_gate_step=v["cfg_gate_step"],
+                num_frames=defaults.num_frames,
             )
             samples.append(PlannedSample(row_index, image_index, request, error))
     return samples

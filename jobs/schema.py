@@ -19,7 +19,7 @@ from pipeline.generate import SampleResult
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 RESOLVED_COLUMNS = ("seed", "width", "height", "num_inference_steps", "guidance_scale",
-                    "cfg_gate_step")  # fmt: skip
+                    "cfg_gate_step", "num_frames")  # fmt: skip
 """Manifest override columns replaced in the output by the values actually used."""
 
 _HEAD = [("sample_id", pa.string()), ("row_index", pa.int64()), ("image_index", pa.int64())]
@@ -71,17 +71,35 @@ def _hf_feature(t: pa.DataType) -> dict[str, str] | None:
     return None
 
 
-def samples_schema(manifest_schema: pa.Schema) -> pa.Schema:
+def _tail(media: str) -> list[tuple[str, pa.DataType]]:
+    if media == "image":
+        return _TAIL
+    if media != "video":
+        raise ValueError(f"media {media!r} is not 'image' or 'video'")
+    tail = [("video", IMAGE_TYPE) if name == "image" else (name, t) for name, t in _TAIL]
+    at = [name for name, _ in tail].index("num_inference_steps")
+    return [*tail[:at], ("num_frames", pa.int64()), *tail[at:]]
+
+
+def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schema:
     """Schema of the samples parquet for a manifest: contract columns + passthrough columns.
 
     Manifest columns keep their type and order, between ``image_index`` and ``seed``; the
     override columns in RESOLVED_COLUMNS are replaced by the resolved values at the end.
+
+    Args:
+        manifest_schema: the manifest's schema.
+        media: "image" (an ``image`` column, PNG) or "video" (a ``video`` column, mp4, and
+            ``num_frames``).
+    Raises:
+        ValueError: an unknown media kind.
     """
     passthrough = [f for f in manifest_schema if f.name not in RESOLVED_COLUMNS]
-    schema = pa.schema([*_HEAD, *passthrough, *_TAIL])
+    schema = pa.schema([*_HEAD, *passthrough, *_tail(media)])
     features: dict[str, dict[str, str]] = {}
+    kinds = {"image": {"_type": "Image"}, "video": {"_type": "Video"}}
     for f in schema:
-        feature = {"_type": "Image"} if f.name == "image" else _hf_feature(f.type)
+        feature = kinds.get(f.name) or _hf_feature(f.type)
         if feature is None:  # nested passthrough: let datasets infer everything
             return schema
         features[f.name] = feature
@@ -125,9 +143,17 @@ def samples_table(
         cols["seed"].append(req.seed)
         cols["status"].append("ok" if ok else "error")
         cols["error"].append(None if ok else error)
-        cols["image"].append(
-            {"bytes": png_bytes(r.image), "path": f"{req.sample_id}.png"} if ok else None
-        )
+        if "video" in cols:
+            from jobs.video import mp4_bytes
+
+            cols["video"].append(
+                {"bytes": mp4_bytes(r.image), "path": f"{req.sample_id}.mp4"} if ok else None
+            )
+            cols["num_frames"].append(req.num_frames)
+        else:
+            cols["image"].append(
+                {"bytes": png_bytes(r.image), "path": f"{req.sample_id}.png"} if ok else None
+            )
         cols["width"].append(req.width)
         cols["height"].append(req.height)
         cols["num_inference_steps"].append(req.num_inference_steps)
@@ -139,7 +165,7 @@ def samples_table(
         cols["invalidations"].append(r.invalidations if r is not None else 0)
         cols["gate_step"].append(r.gate_step if r is not None else None)
         cols["denoise_s"].append(r.denoise_s if r is not None else 0.0)
-    contract = {name for name, _ in (*_HEAD, *_TAIL)}
+    contract = {name for name, _ in (*_HEAD, *_tail("video"), *_TAIL)}
     arrays = [
         pa.array(cols[f.name], type=f.type)
         if f.name in contract

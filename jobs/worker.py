@@ -109,17 +109,25 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     stats.load_s = time.perf_counter() - start
 
     manifest = open_manifest(config.manifest, check_ids=False)
+    family = runner.family
+    num_frames = None
+    if family.output_kind == "video":
+        num_frames = config.num_frames or family.default_num_frames
+        problem = family.check_num_frames(num_frames)
+        if problem:
+            raise JobError(f"--num-frames {num_frames}: {problem}")
     defaults = GenerationDefaults(
         height=config.height or runner.family.default_size,
         width=config.width or runner.family.default_size,
         num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale,
         cfg_gate_step=config.cfg_gate_step,
+        num_frames=num_frames,
         images_per_prompt=config.images_per_prompt,
         seed=config.seed,
         size_multiple=runner.family.size_multiple,
     )
-    schema = samples_schema(manifest.schema)
+    schema = samples_schema(manifest.schema, family.output_kind)
     progress = ProgressFile(out, rank)
     progress.add(0, force=True)  # loaded: the launcher starts its bar
     shards = plan_shards(manifest.num_rows, config.shard_size)

@@ -61,7 +61,8 @@ class CfgGate:
     module: str | None = None
     """Denoiser module the delta belongs to."""
     invalidations: int = 0
-    """Deltas dropped because the pipeline switched denoiser module."""
+    """Cached deltas dropped because the pipeline switched denoiser module at a step that would
+    have reused them (a switch before the gate costs nothing and is not counted)."""
     frozen: list[bool] = field(default_factory=list)
     """Per sample: the adaptive rule fired (since the last invalidation)."""
     first_reused: list[int | None] = field(default_factory=list)
@@ -87,9 +88,11 @@ class CfgGate:
             module: the denoiser module called at this step.
         """
         if self.delta is not None and module != self.module:
+            # Count the drops that cost a fresh uncond: at or past the gate, or a frozen sample.
+            if step_index >= gate_step(num_steps, self.fraction) or any(self.frozen):
+                self.invalidations += 1
             self.delta, self.module = None, None
             self.frozen = [False] * self.batch
-            self.invalidations += 1
         everyone = list(range(self.batch))
         if not self.active or self.delta is None:
             return everyone

@@ -46,12 +46,14 @@ class SampleRequest:
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1]: from step int(steps * F) on, uncond is rebuilt from the
     cached delta (pipeline.gating); 1.0 = off."""
+    num_frames: int | None = None
+    """Video models: frames to generate; None for image models."""
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float, float]:
+    def batch_key(self) -> tuple[int, int, int, float, float, int | None]:
         """Requests may share a pipeline call only when these are equal."""
         return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                self.cfg_gate_step)  # fmt: skip
+                self.cfg_gate_step, self.num_frames)  # fmt: skip
 
 
 @dataclass
@@ -60,7 +62,8 @@ class SampleResult:
 
     request: SampleRequest
     image: Any = None
-    """PIL image; None on error, or when another rank of the CFG group decodes it."""
+    """PIL image, or (F, H, W, 3) uint8 frames for video models; None on error, or when
+    another rank of the CFG group decodes it."""
     error: str | None = None
     steps: list[StepRecord] = field(default_factory=list)
     invalidations: int = 0
@@ -176,6 +179,7 @@ class StageRunner:
                     num_inference_steps=first.num_inference_steps,
                     guidance_scale=first.guidance_scale,
                     guidance_rescale=self.guidance_rescale,
+                    **({"num_frames": first.num_frames} if first.num_frames else {}),
                 )
             denoise_s = time.perf_counter() - start
 

@@ -30,8 +30,8 @@ def resolve_model(name: str | None, cache_dir: Path | None = None) -> ModelRef:
     """Map ``--model`` to something from_pretrained loads; builds a built-in model on first use.
 
     Args:
-        name: a built-in name (``tiny-sd``, ``small-sd``), a local diffusers directory, a hub
-            model id, or None for ``tiny-sd``.
+        name: a built-in name (``tiny-sd``, ``small-sd``, ``tiny-wan22``), a local diffusers
+            directory, a hub model id, or None for ``tiny-sd``.
         cache_dir: cache for built-in models.
     Raises:
         ValueError: a local path that is not a diffusers directory (no model_index.json).

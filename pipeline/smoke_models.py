@@ -2,12 +2,13 @@
 
 Nothing can be downloaded at run time, so these are built from small configs, written with
 ``save_pretrained`` into a cache directory once, and then loaded through the very same
-``DiffusionPipeline.from_pretrained`` path as a user's model. Their images are noise: they exist
-to exercise and benchmark the runner, not to make pictures.
+``DiffusionPipeline.from_pretrained`` path as a user's model. Their images and videos are noise:
+they exist to exercise and benchmark the runner, not to make pictures.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -19,6 +20,10 @@ import torch
 
 BUILD_VERSION = 1
 """Bumped whenever a spec below changes, so cached copies are rebuilt."""
+
+GEN_DEFAULTS_FILE = "gen_defaults.json"
+"""Optional file in a model directory: the defaults gen uses when --height / --width /
+--num-frames are not given (``{"default_size": 64, "default_num_frames": 5}``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +40,36 @@ class SmokeSpec:
     seed: int = 0
 
 
-SMOKE_MODELS: dict[str, SmokeSpec] = {
+@dataclass(frozen=True, kw_only=True)
+class WanSpec:
+    """Config of a built-in Wan 2.2-shaped WanPipeline (two experts: transformer, transformer_2)."""
+
+    description: str
+    num_attention_heads: int
+    attention_head_dim: int
+    """Per head; the transformer width is heads x head dim."""
+    num_layers: int
+    """Transformer blocks of each expert."""
+    text_hidden: int
+    """UMT5 d_model = transformer text_dim."""
+    text_layers: int
+    vae_base_dim: int
+    """AutoencoderKLWan base channels; 4 levels (8x spatial, 4x temporal, as the real VAE)."""
+    vocab_size: int
+    """SentencePiece unigram vocabulary target; a soft limit: on the small built-in corpus the
+    trainer stops below it (tiny-wan22: ~150 pieces)."""
+    boundary_ratio: float = 0.875
+    """Wan 2.2 T2V: ``transformer`` runs while t >= boundary_ratio * 1000, then ``transformer_2``."""
+    flow_shift: float = 3.0
+    """UniPCMultistepScheduler flow_shift; 3.0 puts steps 0-1 of 4 on ``transformer``."""
+    default_size: int
+    """Pixels, written to gen_defaults.json: the size gen uses without --height / --width."""
+    default_num_frames: int
+    """4k + 1, written to gen_defaults.json."""
+    seed: int = 0
+
+
+SMOKE_MODELS: dict[str, SmokeSpec | WanSpec] = {
     "tiny-sd": SmokeSpec(
         description="~1M-parameter StableDiffusionPipeline for tests",
         unet_channels=(32, 64),
@@ -49,6 +83,18 @@ SMOKE_MODELS: dict[str, SmokeSpec] = {
         layers_per_block=2,
         text_hidden=64,
         text_layers=2,
+    ),
+    "tiny-wan22": WanSpec(
+        description="~0.1M-parameter Wan 2.2-shaped WanPipeline (two experts) for tests",
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        text_hidden=32,
+        text_layers=2,
+        vae_base_dim=8,
+        vocab_size=256,
+        default_size=64,
+        default_num_frames=5,
     ),
 }
 
@@ -86,7 +132,14 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def _build(spec: SmokeSpec, out: Path) -> None:
+def _build(spec: SmokeSpec | WanSpec, out: Path) -> None:
+    if isinstance(spec, WanSpec):
+        _build_wan(spec, out)
+    else:
+        _build_sd(spec, out)
+
+
+def _build_sd(spec: SmokeSpec, out: Path) -> None:
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -160,6 +213,126 @@ def _build(spec: SmokeSpec, out: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
+
+
+_TOKENIZER_CORPUS = (
+    "a photo of a cat sitting on a red chair",
+    "a dog running on the beach at sunset",
+    "an astronaut riding a horse on the moon, digital art",
+    "a lighthouse at dusk with waves crashing against the rocks",
+    "a bowl of fruit: apples, oranges and bananas on a wooden table.",
+    "the city skyline at night, long exposure, 35mm film",
+    "A Portrait Of An Old Man With A Grey Beard (oil painting)",
+    "two children flying a kite in a green field; blue sky & clouds!",
+    "0123456789 \"quoted\" 'text' #hash $5 50% *star* +/-=<> ?@[\\]^_`{|}~",
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz",
+)
+"""Covers every printable ASCII character; characters outside it map to <unk>."""
+
+
+def _umt5_tokenizer(spec: WanSpec):  # -> transformers.T5Tokenizer
+    """A T5 tokenizer (UMT5 layout: <pad>=0, </s>=1, <unk>=2) from a unigram model trained here.
+
+    SentencePiece trains in memory in ~10 ms, single-threaded (deterministic). transformers 5
+    rebuilds a T5Tokenizer from its vocabulary and scores on load (normalizer and byte fallback
+    are not kept), so none are set here: what is built is what loads.
+    """
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    spm.set_random_generator_seed(spec.seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TOKENIZER_CORPUS),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=spec.vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _build_wan(spec: WanSpec, out: Path) -> None:
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _umt5_tokenizer(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        # Built from a config, T5 starts in training mode (dropout 0.1): eval() (NOTES).
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=spec.text_hidden,
+                d_kv=spec.text_hidden // 4,
+                num_heads=4,
+                d_ff=spec.text_hidden * 2,
+                num_layers=spec.text_layers,
+                feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=32,
+                relative_attention_max_distance=128,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ).eval()
+        experts = [
+            WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=spec.num_attention_heads,
+                attention_head_dim=spec.attention_head_dim,
+                in_channels=16,
+                out_channels=16,
+                text_dim=spec.text_hidden,
+                freq_dim=32,
+                ffn_dim=spec.num_attention_heads * spec.attention_head_dim * 2,
+                num_layers=spec.num_layers,
+                cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads",
+                rope_max_seq_len=64,
+            )
+            for _ in range(2)
+        ]
+        # 4 levels: 8x spatial, 4x temporal; with vae=None a pipeline assumes these (NOTES).
+        vae = AutoencoderKLWan(
+            base_dim=spec.vae_base_dim,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
+        flow_shift=spec.flow_shift,
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=experts[0],
+        transformer_2=experts[1],
+        boundary_ratio=spec.boundary_ratio,
+    )
+    pipe.save_pretrained(out)
+    defaults = {"default_size": spec.default_size, "default_num_frames": spec.default_num_frames}
+    (out / GEN_DEFAULTS_FILE).write_text(json.dumps(defaults) + "\n")
 
 
 def ensure_smoke_model(name: str, cache_dir: Path | None = None) -> Path:

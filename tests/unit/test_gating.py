@@ -247,3 +247,11 @@ def test_adaptive_cosine_trigger_per_sample() -> None:
     assert [s.unconds for s in trace.steps] == [("fresh", "fresh")] + [("reused", "fresh")] * 3
     assert pipe.transformer.calls[2] == ["uncond"]  # step 1: the uncond sub-batch holds sample 1
     assert trace.gate.first_reused == [1, None]
+
+
+def test_switch_before_the_gate_is_not_an_invalidation() -> None:
+    """A delta dropped where it would not have been reused costs nothing and is not counted."""
+    gate = CfgGate(0.5, 1)
+    gate.combine("transformer", gate.fresh(0, 6, "transformer"), torch.ones(1), torch.zeros(1))
+    assert gate.fresh(1, 6, "transformer_2") == [0]  # gate at step 3: fresh anyway
+    assert gate.invalidations == 0 and gate.delta is None
