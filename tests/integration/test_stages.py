@@ -116,3 +116,13 @@ def test_cfg_gating_on_tiny_sd(pipe) -> None:  # noqa: ANN001
 def test_cfg_gating_without_guidance_is_inert(pipe) -> None:  # noqa: ANN001
     out = StageRunner(pipe, cfg_batching=True, guidance_rescale=0.0).run(_gated(4, 0.0, 1.0))
     assert all([s.uncond for s in r.steps] == ["none"] * 4 for r in out.results)
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(-1.0, ["fresh"] + ["reused"] * 3), (1.01, ["fresh"] * 4)])
+def test_adaptive_cosine_gating_on_tiny_sd(pipe, threshold: float, expected: list[str]) -> None:  # noqa: ANN001
+    """G = -1 fires at the first fresh step for every sample; G above 1 never fires."""
+    runner = StageRunner(pipe, cfg_batching=True, guidance_rescale=0.0, cfg_gate_cosine=threshold)
+    for r in runner.run(_gated(4, 1.0)).results:
+        assert r.error is None
+        assert [s.uncond for s in r.steps] == expected
+        assert r.gate_step == (1 if threshold < 1 else None)
