@@ -12,34 +12,19 @@ Not a test: run it by hand.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.loading import load_pipeline, resolve_model
+from tests.benchmarks.cli_runs import interleaved, parse_args
 
 RUNS = {
     "serial (1 rank, cfg batching)": ["--gpus", "1"],
     "serial (1 rank, --no-cfg-batching)": ["--gpus", "1", "--no-cfg-batching"],
     "cfg parallel (2 ranks, cfg 2)": ["--gpus", "2", "--cfg-parallel-size", "2"],
 }
-
-
-def _gen(manifest: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
-    cmd = ["gen", "batch", str(manifest), "--out", str(out), "--overwrite", "--model", args.model,
-           "--steps", str(args.steps), "--batch-size", str(args.batch), "--height", str(args.size),
-           "--width", str(args.size), *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text())
 
 
 def _median_s(fn, repeats: int = 7) -> float:  # noqa: ANN001
@@ -71,28 +56,8 @@ def _parts(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small-sd")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-cfg-"))
-    manifest = work / "prompts.parquet"
-    pq.write_table(pa.table({"prompt": [f"a photo of thing {i}" for i in range(args.prompts)]}), manifest)
-    walls: dict[str, list[float]] = {name: [] for name in RUNS}
-    for _ in range(args.repeats):
-        for i, (name, extra) in enumerate(RUNS.items()):
-            summary = _gen(manifest, work / f"out{i}", args, extra)
-            assert summary["samples_ok"] == args.prompts, summary
-            walls[name].append(summary["generate_wall_s"])
-    med = {name: statistics.median(w) for name, w in walls.items()}
-    print(f"{args.model}, {args.prompts} prompts, batch {args.batch}, {args.size}px, "
-          f"{args.steps} steps, 1 thread per rank, median of {args.repeats}")  # fmt: skip
-    for name, w in walls.items():
-        print(f"  {name:36s} generate_wall_s {med[name]:7.3f}  ({', '.join(f'{x:.2f}' for x in w)})")
+    args = parse_args(__doc__.splitlines()[0])
+    med, _ = interleaved(RUNS, args)
     par = med["cfg parallel (2 ranks, cfg 2)"]
     print(f"  speedup vs serial batched  : {med['serial (1 rank, cfg batching)'] / par:.3f}x")
     print(f"  speedup vs serial separate : {med['serial (1 rank, --no-cfg-batching)'] / par:.3f}x")
