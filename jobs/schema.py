@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from jobs.rows import PlannedSample
+from jobs.video import mp4_bytes
 from pipeline.generate import SampleResult
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -81,6 +82,10 @@ def _tail(media: str) -> list[tuple[str, pa.DataType]]:
     return [*tail[:at], ("num_frames", pa.int64()), *tail[at:]]
 
 
+_CONTRACT = {name for name, _ in (*_HEAD, *_tail("image"), *_tail("video"))}
+"""Columns samples_table fills itself; the rest come from the manifest."""
+
+
 def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schema:
     """Schema of the samples parquet for a manifest: contract columns + passthrough columns.
 
@@ -144,8 +149,6 @@ def samples_table(
         cols["status"].append("ok" if ok else "error")
         cols["error"].append(None if ok else error)
         if "video" in cols:
-            from jobs.video import mp4_bytes
-
             cols["video"].append(
                 {"bytes": mp4_bytes(r.image), "path": f"{req.sample_id}.mp4"} if ok else None
             )
@@ -165,10 +168,9 @@ def samples_table(
         cols["invalidations"].append(r.invalidations if r is not None else 0)
         cols["gate_step"].append(r.gate_step if r is not None else None)
         cols["denoise_s"].append(r.denoise_s if r is not None else 0.0)
-    contract = {name for name, _ in (*_HEAD, *_tail("video"), *_TAIL)}
     arrays = [
         pa.array(cols[f.name], type=f.type)
-        if f.name in contract
+        if f.name in _CONTRACT
         else taken.column(f.name).combine_chunks()
         for f in schema
     ]

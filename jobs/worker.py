@@ -117,15 +117,15 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         if problem:
             raise JobError(f"--num-frames {num_frames}: {problem}")
     defaults = GenerationDefaults(
-        height=config.height or runner.family.default_size,
-        width=config.width or runner.family.default_size,
+        height=config.height or family.default_size,
+        width=config.width or family.default_size,
         num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale,
         cfg_gate_step=config.cfg_gate_step,
         num_frames=num_frames,
         images_per_prompt=config.images_per_prompt,
         seed=config.seed,
-        size_multiple=runner.family.size_multiple,
+        size_multiple=family.size_multiple,
     )
     schema = samples_schema(manifest.schema, family.output_kind)
     progress = ProgressFile(out, rank)

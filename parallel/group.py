@@ -100,7 +100,8 @@ def cfg_group(dims: ParallelDims, rank: int, *, device: torch.device, timeout_s:
     Args:
         dims: the rank grid; ``dims.cfg == 1`` needs no process group at all.
         rank: this process's global rank.
-        device: the rank's device (exchange tensors live there).
+        device: the rank's device (predictions are gathered there; control exchanges stay on
+            the CPU).
         timeout_s: seconds a group collective may wait.
     """
     if dims.cfg == 1:

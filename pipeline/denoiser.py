@@ -190,8 +190,9 @@ class DenoiserHook:
             ran = dict(zip([b.name for b in running], self.executor.run(running, run)))
             if guidance:
                 ran["uncond"] = gate.combine(name, fresh, ran["cond"], ran.get("uncond"))
+            fresh_set = set(fresh)
             unconds = tuple(
-                "none" if not guidance else "fresh" if i in fresh else "reused"
+                "none" if not guidance else "fresh" if i in fresh_set else "reused"
                 for i in range(batch)
             )
             return_dict = kwargs.get("return_dict", True)
