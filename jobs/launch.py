@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from jobs import __version__
 from jobs.config import BatchConfig
 from jobs.errors import JobError
 from jobs.manifest import Manifest, open_manifest, total_images
-from jobs.plan import plan_shards
+from jobs.plan import Shard, plan_shards
 from jobs.progress import ProgressMonitor
 from jobs.store import OutputDir, write_json
 from jobs.summary import build_summary
@@ -97,6 +97,76 @@ def _clear(out: OutputDir) -> None:
         f.unlink(missing_ok=True)
 
 
+@dataclass
+class PreparedJob:
+    """A job whose job.json is written: what a local run or a SLURM submission needs."""
+
+    config: BatchConfig
+    out: OutputDir
+    manifest: Manifest
+    shards: list[Shard]
+    threads: int
+    """CPU threads per rank on this node (a SLURM task computes its own)."""
+
+    @property
+    def pending(self) -> list[Shard]:
+        """Shards without a done marker, in order."""
+        return [s for s in self.shards if not self.out.is_done(s)]
+
+    def total_images(self, shards: list[Shard]) -> int:
+        """Samples planned in ``shards`` (error rows included)."""
+        return sum(total_images(self.manifest, s.start, s.stop, self.config.images_per_prompt)
+                   for s in shards)  # fmt: skip
+
+
+def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], None],
+                on_this_node: bool = True) -> PreparedJob:  # fmt: skip
+    """Check the manifest, model and options, print the notices, and write OUT/job.json.
+
+    Args:
+        config: the job's options.
+        overwrite: replace an --out directory that holds a different job.
+        echo: where one-line notices go.
+        on_this_node: the ranks run here (False for a SLURM submission: devices are not checked).
+    Raises:
+        JobError: bad manifest, options, or an --out holding another job.
+    """
+    manifest = open_manifest(config.manifest)
+    out = OutputDir(config.out)
+    try:
+        model = resolve_model(config.model)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    if model.smoke_test:
+        echo(f"model: {model.name} is a built-in random-weight smoke-test model (images are noise)")
+
+    from parallel.platform import available_cores, detect_platform, threads_per_rank
+
+    platform = detect_platform()
+    if on_this_node and platform.name != "cpu" and config.gpus > platform.num_devices:
+        raise JobError(f"--gpus {config.gpus}: only {platform.num_devices} {platform.name} "
+                       "devices are visible")  # fmt: skip
+    try:
+        threads = threads_per_rank(config.gpus, available_cores(), os.environ.get("OMP_NUM_THREADS"))
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    if on_this_node and platform.name == "cpu":
+        echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
+    echo(f"layout: {config.dims.describe()}" + ("" if on_this_node else " per SLURM task"))
+    gating = config.cfg_gate_step < 1 or config.cfg_gate_cosine is not None
+    if gating and config.guidance_scale <= 1:
+        echo(f"warning: CFG gating has no effect: --guidance-scale {config.guidance_scale:g} <= 1 "
+             "runs no unconditional forward to skip")  # fmt: skip
+
+    record = _job_record(config, manifest, model, threads, platform.name)
+    if overwrite:
+        _clear(out)
+    _check_same_job(out, record, config)
+    write_json(out.job_json, record)
+    shards = plan_shards(manifest.num_rows, config.shard_size or 1)
+    return PreparedJob(config, out, manifest, shards, threads)
+
+
 def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrite: bool = False,
               echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Run a job on this node and return its summary (also OUT/summary.json).
@@ -111,66 +181,47 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
         RunFailed: a rank failed (its error has been printed).
     """
     launch_wall = launch_wall or time.time()
-    manifest = open_manifest(config.manifest)
-    out = OutputDir(config.out)
-    try:
-        model = resolve_model(config.model)
-    except ValueError as exc:
-        raise JobError(str(exc)) from None
-    if model.smoke_test:
-        echo(f"model: {model.name} is a built-in random-weight smoke-test model (images are noise)")
-
-    from parallel.platform import available_cores, detect_platform, threads_per_rank
-
-    platform = detect_platform()
-    if platform.name != "cpu" and config.gpus > platform.num_devices:
-        raise JobError(f"--gpus {config.gpus}: only {platform.num_devices} {platform.name} "
-                       "devices are visible")  # fmt: skip
-    try:
-        threads = threads_per_rank(config.gpus, available_cores(), os.environ.get("OMP_NUM_THREADS"))
-    except ValueError as exc:
-        raise JobError(str(exc)) from None
-    if platform.name == "cpu":
-        echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
-    echo(f"layout: {config.dims.describe()}")
-    gating = config.cfg_gate_step < 1 or config.cfg_gate_cosine is not None
-    if gating and config.guidance_scale <= 1:
-        echo(f"warning: CFG gating has no effect: --guidance-scale {config.guidance_scale:g} <= 1 "
-             "runs no unconditional forward to skip")  # fmt: skip
-
-    record = _job_record(config, manifest, model, threads, platform.name)
-    if overwrite:
-        _clear(out)
-    _check_same_job(out, record, config)
-    write_json(out.job_json, record)
-
-    shards = plan_shards(manifest.num_rows, config.shard_size or 1)
-    pending = [s for s in shards if not out.is_done(s)]
-    echo(f"plan: {manifest.num_rows} rows -> {len(shards)} shard(s) of {config.shard_size} rows; "
-         f"{len(pending)} to run; out: {out.root}")  # fmt: skip
-    for stale in ("progress", "ranks"):
-        shutil.rmtree(out.root / ".gen" / stale, ignore_errors=True)
+    job = prepare_job(config, overwrite=overwrite, echo=echo)
+    out, pending = job.out, job.pending
+    echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of {config.shard_size} "
+         f"rows; {len(pending)} to run; out: {out.root}")  # fmt: skip
+    shutil.rmtree(out.runs, ignore_errors=True)
     if pending:
-        total = sum(
-            total_images(manifest, s.start, s.stop, config.images_per_prompt) for s in pending
-        )
-        run_id = f"{int(time.time())}{os.getpid()}"
-        with ProgressMonitor(out.root / ".gen" / "progress", total):
-            if config.gpus == 1:
-                from jobs.worker import run_rank
-
-                run_rank(str(out.root), run_id, rank=0, world_size=1, local_rank=0)
-            else:
-                _torchrun(out, run_id, config.gpus, threads)
-    return build_summary(out, launch_wall=launch_wall, num_shards=len(shards))
+        run_id = new_run_id()
+        with ProgressMonitor(out.run_dir / "progress", job.total_images(pending)):
+            run_shards(out, run_id, gpus=config.gpus, threads=job.threads)
+    return build_summary(out, launch_wall=launch_wall, num_shards=len(job.shards))
 
 
-def _torchrun(out: OutputDir, run_id: str, nproc: int, threads: int) -> None:
-    """``torchrun --standalone``: c10d rendezvous on localhost with a free port."""
+def new_run_id() -> str:
+    """A run id unique on this machine: seconds since the epoch and the pid."""
+    return f"{int(time.time())}{os.getpid()}"
+
+
+def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
+               shard_indices: list[int] | None = None, pin_cpus: bool = True) -> None:  # fmt: skip
+    """Run ``gpus`` ranks over the shards (None: all) on this node, under ``out.scope``.
+
+    One rank runs in this process; more run under ``torchrun --standalone`` (c10d rendezvous on
+    localhost with a free port, so two runs on one node do not collide).
+
+    Raises:
+        JobError: the job cannot run (one in-process rank).
+        RunFailed: a rank failed; the message is the root cause among the ranks' reports.
+    """
+    if gpus == 1:
+        from jobs.worker import run_rank
+
+        run_rank(str(out.root), run_id, rank=0, world_size=1, local_rank=0, threads=threads,
+                 scope=out.scope, shard_indices=shard_indices, pin_cpus=pin_cpus)  # fmt: skip
+        return
+    from jobs.worker import format_shards
+
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "jobs.worker", str(out.root), run_id,
+        f"--nproc-per-node={gpus}", "-m", "jobs.worker", str(out.root), run_id, out.scope,
+        format_shards(shard_indices), *([] if pin_cpus else ["--no-pin"]),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
@@ -184,7 +235,7 @@ def _first_failure(out: OutputDir, returncode: int) -> str:
     """The root cause among the ranks' error reports: the earliest error that is not a broken
     collective (those follow another rank's failure), else the earliest one."""
     reports = []
-    for path in (out.root / ".gen" / "ranks").glob("rank-*.error.json"):
+    for path in (out.run_dir / "ranks").glob("rank-*.error.json"):
         try:
             reports.append(json.loads(path.read_text()))
         except (OSError, ValueError):

@@ -3,7 +3,9 @@
     OUT/job.json  OUT/summary.json
     OUT/samples/shard-00000.parquet  OUT/steps/shard-00000.parquet  OUT/done/shard-00000.json
     OUT/.gen/shards/shard-00000/     parts written by ranks while the shard is in flight
-    OUT/.gen/progress/  OUT/.gen/ranks/   live progress and per-rank stats of the last run
+    OUT/.gen/runs/SCOPE/progress/  OUT/.gen/runs/SCOPE/ranks/   live progress, per-rank stats
+                                     and errors of the last run of each scope: "local" for a run
+                                     on this node, "task-NNNNN" for a SLURM array task
 
 Each rank flushes the samples it writes as part files; when every rank of the run has marked
 its share of a shard finished, one of them (an O_EXCL lock decides) merges the parts into the shard
@@ -56,8 +58,20 @@ def write_parquet(path: Path, table: pa.Table) -> None:
 class OutputDir:
     """Paths and protocols of one job's output directory."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], scope: str = "local") -> None:
         self.root = Path(root)
+        self.scope = scope
+        """Whose per-run files progress / rank_stats / rank_error name: "local" or "task-NNNNN"."""
+
+    @property
+    def runs(self) -> Path:
+        """OUT/.gen/runs: one directory per scope."""
+        return self.root / ".gen" / "runs"
+
+    @property
+    def run_dir(self) -> Path:
+        """OUT/.gen/runs/SCOPE."""
+        return self.runs / self.scope
 
     @property
     def job_json(self) -> Path:
@@ -80,16 +94,28 @@ class OutputDir:
         return self.root / ".gen" / "shards" / shard.name
 
     def progress(self, rank: int) -> Path:
-        return self.root / ".gen" / "progress" / f"rank-{rank:05d}.json"
+        return self.run_dir / "progress" / f"rank-{rank:05d}.json"
 
     def rank_stats(self, rank: int) -> Path:
-        return self.root / ".gen" / "ranks" / f"rank-{rank:05d}.json"
+        return self.run_dir / "ranks" / f"rank-{rank:05d}.json"
 
     def rank_error(self, rank: int) -> Path:
-        return self.root / ".gen" / "ranks" / f"rank-{rank:05d}.error.json"
+        return self.run_dir / "ranks" / f"rank-{rank:05d}.error.json"
 
     def is_done(self, shard: Shard) -> bool:
         return self.done(shard).exists()
+
+    def run_records(self, pattern: str = "rank-[0-9]*[0-9].json") -> list[dict[str, Any]]:
+        """JSON files under OUT/.gen/runs/*/ranks/ matching ``pattern``, over every scope
+        (default: per-rank stats; ``"rank-*.error.json"``: rank errors). Unreadable files (being
+        replaced right now) are left out."""
+        records = []
+        for path in sorted(self.runs.glob(f"*/ranks/{pattern}")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return records
 
     def done_markers(self) -> list[dict[str, Any]]:
         """Contents of every done marker, in shard order."""

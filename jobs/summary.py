@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from jobs.store import OutputDir, write_json
@@ -22,7 +21,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         reused_uncond, invalidations: totals over all samples' steps; per-rank peaks.
     """
     markers = out.done_markers()
-    ranks = [json.loads(p.read_text()) for p in sorted((out.root / ".gen" / "ranks").glob("rank-[0-9]*[0-9].json"))]
+    ranks = out.run_records()
     starts = [r["first_denoise_wall"] for r in ranks if r["first_denoise_wall"]]
     ends = [r["last_decode_wall"] for r in ranks if r["last_decode_wall"]]
     generate_wall_s = max(ends) - min(starts) if starts and ends else 0.0

@@ -1,7 +1,8 @@
 """The worker loop of one rank: its share of every unfinished shard, flushed as it goes.
 
-Entry point for torchrun: ``python -m jobs.worker OUT RUN_ID`` (reads RANK, WORLD_SIZE,
-LOCAL_RANK). With one rank the launcher calls ``run_rank`` in its own process.
+Entry point for torchrun: ``python -m jobs.worker OUT RUN_ID SCOPE SHARDS`` (reads RANK,
+WORLD_SIZE, LOCAL_RANK, OMP_NUM_THREADS). With one rank the launcher (or a SLURM task) calls
+``run_rank`` in its own process.
 
 Ranks form dp x cfg groups (ParallelDims). Micro-batches are dealt to dp groups; the ranks of a
 CFG group run each of their micro-batches together, and sample j of a micro-batch is decoded
@@ -15,6 +16,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,7 @@ class RankStats:
     samples_error: int = 0
     samples_skipped: int = 0
     first_denoise_wall: float | None = None
+    first_image_wall: float | None = None
     last_decode_wall: float | None = None
     peak_rss_bytes: int = 0
     peak_device_bytes: int = 0
@@ -68,25 +71,34 @@ class ProgressFile:
             self._last = now
 
 
-def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_rank: int) -> RankStats:
+def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_rank: int,
+             threads: int, scope: str = "local", shard_indices: Sequence[int] | None = None,
+             pin_cpus: bool = True) -> RankStats:  # fmt: skip
     """Run one rank's share of the job in ``out_dir`` (whose job.json the launcher wrote).
 
     Args:
         out_dir: the job's output directory.
         run_id: identifies this run's shard-finished markers.
         rank, world_size, local_rank: this process's place (torchrun's RANK etc.).
+        threads: CPU threads of this rank (torch.set_num_threads), >= 1.
+        scope: whose per-run files (progress, stats, errors) this rank writes: "local" or a
+            SLURM task's "task-NNNNN".
+        shard_indices: indices of the shards to run (None: every shard of the plan); done ones are
+            skipped.
+        pin_cpus: pin CPU ranks to their own cores (off when the cores this process sees are
+            not its own, e.g. a SLURM task on a node without CPU binding).
     Returns:
-        This rank's stats (also written to OUT/.gen/ranks/).
+        This rank's stats (also written to OUT/.gen/runs/SCOPE/ranks/).
     """
-    out = OutputDir(out_dir)
+    out = OutputDir(out_dir, scope)
     job = json.loads(out.job_json.read_text())
     config = BatchConfig.from_dict(job["config"])
     platform = detect_platform()
     device = platform.bind(local_rank)
     if platform.name == "cpu":
-        torch.set_num_threads(job["threads_per_rank"])
-        pin_cpu_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
-                     job["threads_per_rank"])  # fmt: skip
+        torch.set_num_threads(threads)
+        if pin_cpus:
+            pin_cpu_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), threads)
     init_ranks(rank=rank, world_size=world_size, platform=platform,
                timeout_s=config.collective_timeout_s)  # fmt: skip
     dims = config.dims
@@ -131,6 +143,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     progress = ProgressFile(out, rank)
     progress.add(0, force=True)  # loaded: the launcher starts its bar
     shards = plan_shards(manifest.num_rows, config.shard_size)
+    if shard_indices is not None:
+        shards = [shards[i] for i in sorted(set(shard_indices))]
     for shard in shards:
         if out.is_done(shard):
             continue
@@ -202,7 +216,7 @@ def _generate(
         )
         span = (output.start_wall, output.end_wall)
         if stats.first_denoise_wall is None:
-            stats.first_denoise_wall = output.start_wall
+            stats.first_denoise_wall, stats.first_image_wall = output.start_wall, output.end_wall
         stats.last_decode_wall = output.end_wall
         by_id = {r.request.sample_id: r for r in output.results}
     results = [by_id.get(p.request.sample_id) for p in todo]
@@ -217,7 +231,7 @@ def _generate(
 
 
 def report_failure(out: OutputDir, rank: int, exc: BaseException, *, collective: bool) -> None:
-    """Leave this rank's error where the launcher reads it (OUT/.gen/ranks/rank-N.error.json).
+    """Leave this rank's error where the launcher reads it (OUT/.gen/runs/SCOPE/ranks/rank-N.error.json).
 
     ``collective``: the error is a broken group (likely a consequence of another rank's
     failure), so the launcher prefers other ranks' errors as the cause.
@@ -228,22 +242,35 @@ def report_failure(out: OutputDir, rank: int, exc: BaseException, *, collective:
     print(f"gen: rank {rank}: error: {message}", file=sys.stderr, flush=True)
 
 
+def format_shards(indices: Sequence[int] | None) -> str:
+    """Shard indices as a worker argument: ``"all"`` or ``"0,3,4"``."""
+    return "all" if indices is None else ",".join(str(i) for i in indices)
+
+
+def parse_shards(arg: str) -> list[int] | None:
+    """Inverse of format_shards."""
+    return None if arg == "all" else [int(i) for i in arg.split(",") if i]
+
+
 @record_errors
 def main() -> None:
-    """torchrun entry: ``python -m jobs.worker OUT RUN_ID``."""
-    out_dir, run_id = sys.argv[1], sys.argv[2]
+    """torchrun entry: ``python -m jobs.worker OUT RUN_ID SCOPE SHARDS [--no-pin]``."""
+    out_dir, run_id, scope, shards = sys.argv[1:5]
     rank = int(os.environ["RANK"])
+    out = OutputDir(out_dir, scope)
     try:
         run_rank(out_dir, run_id, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ["LOCAL_RANK"]))  # fmt: skip
+                 local_rank=int(os.environ["LOCAL_RANK"]),
+                 threads=int(os.environ.get("OMP_NUM_THREADS") or 1), scope=scope,
+                 shard_indices=parse_shards(shards), pin_cpus="--no-pin" not in sys.argv[5:])  # fmt: skip
     except JobError as exc:
-        report_failure(OutputDir(out_dir), rank, exc, collective=False)
+        report_failure(out, rank, exc, collective=False)
         sys.exit(2)
     except CollectiveError as exc:
-        report_failure(OutputDir(out_dir), rank, exc, collective=True)
+        report_failure(out, rank, exc, collective=True)
         sys.exit(3)
     except Exception as exc:
-        report_failure(OutputDir(out_dir), rank, exc, collective=False)
+        report_failure(out, rank, exc, collective=False)
         raise  # torchrun's recorder shows the traceback
 
 

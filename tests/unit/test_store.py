@@ -50,7 +50,9 @@ def test_paths(tmp_path: Path) -> None:
     assert out.samples(SHARD) == tmp_path / "samples" / "shard-00003.parquet"
     assert out.steps(SHARD) == tmp_path / "steps" / "shard-00003.parquet"
     assert out.done(SHARD) == tmp_path / "done" / "shard-00003.json"
-    assert out.progress(2) == tmp_path / ".gen" / "progress" / "rank-00002.json"
+    assert out.progress(2) == tmp_path / ".gen" / "runs" / "local" / "progress" / "rank-00002.json"
+    task = OutputDir(tmp_path, scope="task-00004")
+    assert task.rank_error(1) == tmp_path / ".gen" / "runs" / "task-00004" / "ranks" / "rank-00001.error.json"
     assert not out.is_done(SHARD)
 
 
