@@ -43,18 +43,45 @@ def main() -> None:
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
 @click.option("--collective-timeout", "collective_timeout_s", type=float, default=300.0, show_default=True, help="Seconds before a stuck collective fails the run.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out directory that holds a different job.")
+@click.option("--slurm", is_flag=True, help="Submit as SLURM array tasks (submitit), each a node running --gpus ranks.")
+@click.option("--partition", help="SLURM partition [default: the cluster's].")
+@click.option("--time", "time_limit", default="60", show_default=True, help="SLURM time limit per task: M, H:M:S, D-H:M ...; a task that times out is requeued and resumes.")
+@click.option("--account", help="SLURM account.")
+@click.option("--qos", help="SLURM quality of service.")
+@click.option("--cpus-per-task", type=int, help="SLURM CPU cores per task (one task per node).")
+@click.option("--mem", help="SLURM memory per node, e.g. 64G.")
+@click.option("--array-parallelism", type=int, help="SLURM array tasks running at once [default: all].")
+@click.option("--shards-per-task", type=int, default=1, show_default=True, help="Consecutive shards per SLURM array task.")
+@click.option("--slurm-setup", multiple=True, help="Shell line run before each task (module load ...); repeatable.")
+@click.option("--slurm-extra", multiple=True, help="Further sbatch option KEY=VALUE (e.g. constraint=a100); repeatable.")
+@click.option("--requeue/--no-requeue", default=True, show_default=True, help="Submit with sbatch --requeue (preempted or requeued tasks resume).")
+@click.option("--wait", is_flag=True, help="With --slurm: block until every shard is done, with a progress bar.")
 def batch(manifest: str, out: str | None, overwrite: bool, **options: object) -> None:
     """Generate images for every row of a parquet MANIFEST (column `prompt`)."""
     from jobs.launch import RunFailed, default_out_dir, run_batch
 
     launch_wall = time.time()
+    slurm_args = {k: options.pop(k) for k in _SLURM_OPTIONS}
+    use_slurm = options.pop("slurm")
     try:
+        slurm = _slurm_options(slurm_args) if use_slurm else _no_slurm(slurm_args)
         config = BatchConfig(manifest=manifest, out=out or default_out_dir(manifest), **options)  # type: ignore[arg-type]
-        summary = run_batch(config, launch_wall=launch_wall, overwrite=overwrite, echo=click.echo)
+        if slurm is not None:
+            from jobs.slurm_launch import submit_batch
+
+            summary = submit_batch(config, slurm, launch_wall=launch_wall, overwrite=overwrite,
+                                   echo=click.echo)  # fmt: skip
+            if summary is None:
+                return
+        else:
+            summary = run_batch(config, launch_wall=launch_wall, overwrite=overwrite, echo=click.echo)
     except JobError as exc:
         raise _JobUsageError(str(exc)) from None
     except RunFailed as exc:
         raise click.ClickException(str(exc)) from None
+    if slurm is not None:
+        click.echo(f"slurm: submit-to-first-image {_seconds(summary['time_to_first_image_s'])}, "
+                   f"submit-to-done {_seconds(summary['time_to_done_s'])}")  # fmt: skip
     click.echo(
         f"done: {summary['samples_ok']} ok, {summary['samples_error']} error "
         f"({summary['shards_done']}/{summary['shards_total']} shards); this run: "
@@ -67,6 +94,54 @@ def batch(manifest: str, out: str | None, overwrite: bool, **options: object) ->
         f"cfg gating: {fresh} fresh, {reused} reused unconditional predictions "
         f"({reused / max(1, fresh + reused):.0%} skipped), {summary['invalidations']} invalidations"
     )
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(out: str, as_json: bool) -> None:
+    """Where the job in OUT stands: shards, samples, SLURM tasks (squeue), restarts, last errors."""
+    import json
+
+    from jobs.status import format_status, job_status
+
+    try:
+        found = job_status(out)
+    except JobError as exc:
+        raise _JobUsageError(str(exc)) from None
+    click.echo(json.dumps(found) if as_json else "\n".join(format_status(found)))
+
+
+_SLURM_OPTIONS = ("partition", "time_limit", "account", "qos", "cpus_per_task", "mem",
+                  "array_parallelism", "shards_per_task", "slurm_setup", "slurm_extra", "requeue",
+                  "wait")  # fmt: skip
+_SLURM_DEFAULTS = {"time_limit": "60", "shards_per_task": 1, "slurm_setup": (), "slurm_extra": (),
+                   "requeue": True, "wait": False}  # fmt: skip
+
+
+def _slurm_options(args: dict[str, object]):  # noqa: ANN202
+    from jobs.slurm import SlurmOptions, parse_extra
+
+    return SlurmOptions(
+        partition=args["partition"], time=args["time_limit"], account=args["account"],
+        qos=args["qos"], cpus_per_task=args["cpus_per_task"], mem=args["mem"],
+        array_parallelism=args["array_parallelism"], setup=tuple(args["slurm_setup"]),
+        extra=parse_extra(args["slurm_extra"]), shards_per_task=args["shards_per_task"],
+        requeue=args["requeue"], wait=args["wait"],
+    )  # type: ignore[arg-type]  # fmt: skip
+
+
+def _no_slurm(args: dict[str, object]) -> None:
+    """Without --slurm, a SLURM option is a mistake: name it."""
+    for key, value in args.items():
+        if value != _SLURM_DEFAULTS.get(key):
+            option = "--time" if key == "time_limit" else "--" + key.replace("_", "-")
+            raise JobError(f"{option} needs --slurm (without it the job runs on this node)")
+    return None
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} s"
 
 
 if __name__ == "__main__":

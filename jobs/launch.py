@@ -91,7 +91,7 @@ def _check_same_job(out: OutputDir, record: dict[str, Any], config: BatchConfig)
 
 
 def _clear(out: OutputDir) -> None:
-    for name in ("samples", "steps", "done", ".gen"):
+    for name in ("samples", "steps", "done", ".gen", "slurm"):
         shutil.rmtree(out.root / name, ignore_errors=True)
     for f in (out.job_json, out.summary_json):
         f.unlink(missing_ok=True)
@@ -159,6 +159,8 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
              "runs no unconditional forward to skip")  # fmt: skip
 
     record = _job_record(config, manifest, model, threads, platform.name)
+    if overwrite or on_this_node:
+        _check_no_queued_tasks(out)
     if overwrite:
         _clear(out)
     _check_same_job(out, record, config)
@@ -191,6 +193,17 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
         with ProgressMonitor(out.run_dir / "progress", job.total_images(pending)):
             run_shards(out, run_id, gpus=config.gpus, threads=job.threads)
     return build_summary(out, launch_wall=launch_wall, num_shards=len(job.shards))
+
+
+def _check_no_queued_tasks(out: OutputDir) -> None:
+    """A local run into an OUT whose SLURM tasks are still queued would run their shards twice."""
+    from jobs.slurm import queue_states
+
+    states = queue_states(out)
+    if states:
+        raise JobError(f"--out {out.root}: {len(states)} SLURM task(s) of this job are still queued "
+                       f"or running ({', '.join(sorted(states))}); wait for them (`gen status "
+                       f"{out.root}`) or scancel them first")  # fmt: skip
 
 
 def new_run_id() -> str:

@@ -117,6 +117,17 @@ class OutputDir:
                 continue
         return records
 
+    def done_marker(self, shard_name: str) -> dict[str, Any] | None:
+        """The done marker of shard ``shard_name`` ("shard-00003"), or None while unfinished."""
+        try:
+            return json.loads((self.root / "done" / f"{shard_name}.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def in_flight_parts(self) -> list[Path]:
+        """Samples parts of shards not yet committed (OUT/.gen/shards/*/part-*.samples.parquet)."""
+        return sorted(self.root.glob(".gen/shards/*/part-*.samples.parquet"))
+
     def done_markers(self) -> list[dict[str, Any]]:
         """Contents of every done marker, in shard order."""
         return [json.loads(p.read_text()) for p in sorted((self.root / "done").glob("shard-*.json"))]

@@ -17,7 +17,10 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
     Returns:
         The summary: samples_ok / samples_error over all committed shards; generate_wall_s (first
         denoising step to last decode of this run, over all ranks), startup_s (launch to first
-        denoising step), images_per_s (ok images of this run / generate_wall_s); fresh_uncond,
+        denoising step), images_per_s (ok images of this run / generate_wall_s);
+        time_to_first_image_s (launch, or SLURM submission, to the first decoded image of this
+        run), time_to_done_s (launch to the last shard committed in this run; None if none);
+        fresh_uncond,
         reused_uncond, invalidations: totals over all samples' steps; per-rank peaks.
     """
     markers = out.done_markers()
@@ -37,6 +40,9 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "generate_wall_s": round(generate_wall_s, 4),
         "startup_s": round(min(starts) - launch_wall, 4) if starts else 0.0,
         "images_per_s": round(run_ok / generate_wall_s, 4) if generate_wall_s > 0 else 0.0,
+        "time_to_first_image_s": _since(launch_wall, [r.get("first_image_wall") for r in ranks], min),
+        "time_to_done_s": _since(launch_wall, [m.get("committed_at") for m in markers
+                                               if m.get("committed_at", 0) >= launch_wall], max),
         "run_samples_ok": run_ok,
         "run_samples_error": sum(r["samples_error"] for r in ranks),
         "run_samples_skipped": sum(r["samples_skipped"] for r in ranks),
@@ -48,3 +54,9 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
     }
     write_json(out.summary_json, summary)
     return summary
+
+
+def _since(launch_wall: float, walls: list[float | None], pick) -> float | None:  # noqa: ANN001
+    """Seconds from launch to pick(walls) (min or max), or None when there are none."""
+    found = [w for w in walls if w]
+    return round(pick(found) - launch_wall, 4) if found else None
