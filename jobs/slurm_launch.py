@@ -59,7 +59,7 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
     job = prepare_job(config, overwrite=overwrite, echo=echo, on_this_node=False)
     out = job.out
     states = queue_states(out) or {}
-    held = active_shards(out, states)
+    held = active_shards(out, states) & {s.index for s in job.pending}
     todo = [s.index for s in job.pending if s.index not in held]
     tasks = group_shards(todo, options.shards_per_task)
     echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of {config.shard_size} "
