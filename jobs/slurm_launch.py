@@ -42,7 +42,8 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
     Args:
         config: the job's options; ``config.gpus`` ranks per task (one task per node).
         options: the SLURM knobs; ``options.wait`` blocks until the shards are done.
-        launch_wall: time.time() at CLI start (default: now), for the summary's timings.
+        launch_wall: time.time() at CLI start (default: now); the summary's times (startup_s,
+            time_to_first_image_s, time_to_done_s) count from the submission when there is one.
         overwrite: replace an --out directory that holds a different job.
         echo: where one-line notices go.
     Returns:
@@ -72,6 +73,7 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
     if tasks:
         record = submit_tasks(out, tasks, options=options, gpus=config.gpus, echo=echo)
         echo(describe_submission(record, out))
+        launch_wall = record["submitted_at"]  # the summary's times count from submission
     elif not held:
         echo("nothing to submit: every shard is done")
     if not options.wait:

@@ -221,3 +221,17 @@ def test_interrupted_task_is_requeued_and_loses_nothing(m12: Path, tmp_path: Pat
 
     gen_ok("batch", str(m12), "--out", str(tmp_path / "local"), *opts)
     assert_same_output(out, tmp_path / "local")
+
+
+def test_failed_tasks_end_wait_with_a_clear_message_and_resume(m12: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = ["batch", str(m12), "--out", str(out), "--steps", "4", "--shard-size", "4", "--slurm", "--wait"]
+    proc = run_gen(*cmd, "--slurm-setup", "echo module not found >&2; exit 3", env=ENV, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 shard(s) unfinished and no task of this job is queued" in proc.stderr
+    assert "re-run the same command to resume" in proc.stderr and "Traceback" not in proc.stderr
+    failed = status(out)
+    assert (failed["shards_done"], failed["tasks"]["pending"], failed["tasks"]["running"]) == (0, 0, 0)
+    proc = gen_ok(*cmd)
+    assert "0 done, 0 held by queued tasks, 3 to submit as 3 task(s)" in proc.stdout
+    assert "done: 12 ok, 0 error (3/3 shards)" in proc.stdout
