@@ -18,7 +18,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,8 +251,8 @@ def active_shards(out: OutputDir, states: dict[str, str]) -> set[int]:
 # -- submission ------------------------------------------------------------------------------
 
 
-def submit_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmOptions, gpus: int,
-                 echo: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+def submit_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmOptions,
+                 gpus: int) -> dict[str, Any]:  # fmt: skip
     """Submit ``tasks`` (lists of shard indices) as SLURM arrays; returns the submission record
     (also appended to OUT/slurm/submissions.json).
 

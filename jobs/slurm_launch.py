@@ -71,7 +71,7 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
     for task in tasks:
         shutil.rmtree(OutputDir(out.root, task_scope(task)).run_dir, ignore_errors=True)
     if tasks:
-        record = submit_tasks(out, tasks, options=options, gpus=config.gpus, echo=echo)
+        record = submit_tasks(out, tasks, options=options, gpus=config.gpus)
         echo(describe_submission(record, out))
         launch_wall = record["submitted_at"]  # the summary's times count from submission
     elif not held:

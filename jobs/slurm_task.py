@@ -33,7 +33,9 @@ class ShardTask:
     @property
     def scope(self) -> str:
         """The task's per-run file scope, ``task-NNNNN`` after its first shard."""
-        return f"task-{self.shard_indices[0]:05d}"
+        from jobs.slurm import task_scope
+
+        return task_scope(self.shard_indices)
 
     def __call__(self) -> dict[str, Any]:
         """Run the task's shards; returns its attempt record (also in OUT/.gen/runs/SCOPE/task.json).

@@ -20,6 +20,7 @@ from jobs.slurm import (
     sbatch_parameters,
     split_arrays,
 )
+from jobs.slurm_task import ShardTask
 from tests.conftest import run_gen
 
 
@@ -110,6 +111,18 @@ def test_shard_grouping() -> None:
     assert group_shards([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
     assert group_shards([1, 4, 7], 1) == [[1], [4], [7]]
     assert group_shards([], 3) == []
+
+
+def test_only_a_small_task_is_pickled_by_reference() -> None:
+    import cloudpickle
+    from submitit.helpers import DelayedSubmission
+
+    task = ShardTask("/data/run-gen", (7, 8), 8)
+    blob = cloudpickle.dumps(DelayedSubmission(task))
+    assert len(blob) < 1024 and b"jobs.slurm_task" in blob and b"ShardTask" in blob
+    assert task.scope == "task-00007"
+    again = task.checkpoint()  # submitit's USR2 hook requeues the very same task
+    assert isinstance(again, DelayedSubmission) and again.function == task and again.args == ()
 
 
 def test_max_array_size_without_slurm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
