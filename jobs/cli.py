@@ -43,6 +43,8 @@ def main() -> None:
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
 @click.option("--collective-timeout", "collective_timeout_s", type=float, default=300.0, show_default=True, help="Seconds before a stuck collective fails the run.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out directory that holds a different job.")
+@click.option("--retry-errors", is_flag=True, help="Generate again the samples whose status is error (and the unfinished ones); ok samples are kept.")
+@click.option("--fail-on-error", is_flag=True, help="Exit with status 1 when the job holds error rows (default: 0, with their count).")
 @click.option("--slurm", is_flag=True, help="Submit as SLURM array tasks (submitit), each a node running --gpus ranks.")
 @click.option("--partition", help="SLURM partition [default: the cluster's].")
 @click.option("--time", "time_limit", default="60", show_default=True, help="SLURM time limit per task: M, H:M:S, D-H:M ...; a task that times out is requeued and resumes.")
@@ -56,7 +58,8 @@ def main() -> None:
 @click.option("--slurm-extra", multiple=True, help="Further sbatch option KEY=VALUE (e.g. constraint=a100); repeatable.")
 @click.option("--requeue/--no-requeue", default=True, show_default=True, help="Submit with sbatch --requeue (preempted or requeued tasks resume).")
 @click.option("--wait", is_flag=True, help="With --slurm: block until every shard is done, with a progress bar.")
-def batch(manifest: str, out: str | None, overwrite: bool, **options: object) -> None:
+def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, fail_on_error: bool,
+          **options: object) -> None:  # fmt: skip
     """Generate images for every row of a parquet MANIFEST (column `prompt`)."""
     from jobs.launch import RunFailed, default_out_dir, run_batch
 
@@ -70,11 +73,12 @@ def batch(manifest: str, out: str | None, overwrite: bool, **options: object) ->
             from jobs.slurm_launch import submit_batch
 
             summary = submit_batch(config, slurm, launch_wall=launch_wall, overwrite=overwrite,
-                                   echo=click.echo)  # fmt: skip
+                                   retry_errors=retry_errors, echo=click.echo)  # fmt: skip
             if summary is None:
                 return
         else:
-            summary = run_batch(config, launch_wall=launch_wall, overwrite=overwrite, echo=click.echo)
+            summary = run_batch(config, launch_wall=launch_wall, overwrite=overwrite,
+                                retry_errors=retry_errors, echo=click.echo)  # fmt: skip
     except JobError as exc:
         raise _JobUsageError(str(exc)) from None
     except RunFailed as exc:
@@ -94,6 +98,18 @@ def batch(manifest: str, out: str | None, overwrite: bool, **options: object) ->
         f"cfg gating: {fresh} fresh, {reused} reused unconditional predictions "
         f"({reused / max(1, fresh + reused):.0%} skipped), {summary['invalidations']} invalidations"
     )
+    if summary.get("samples_warning"):
+        click.echo(f"warnings: {summary['samples_warning']} sample(s) carry a warning (column "
+                   "`warning`: a prompt longer than the text encoder takes was truncated)")  # fmt: skip
+    if summary["samples_error"]:
+        from jobs.status import error_rows
+
+        click.echo(f"errors: {summary['samples_error']} error row(s) (status \"error\", column "
+                   "`error`); re-run with --retry-errors to generate them again; first:")  # fmt: skip
+        for line in error_rows(config.out, limit=3):
+            click.echo(f"  {line}")
+        if fail_on_error:
+            raise click.ClickException(f"{summary['samples_error']} error row(s) (--fail-on-error)")
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform as pyplatform
@@ -18,6 +19,7 @@ from typing import Any
 from jobs import __version__
 from jobs.config import BatchConfig
 from jobs.errors import JobError
+from jobs.lock import ShardLocks
 from jobs.manifest import Manifest, open_manifest, total_images
 from jobs.plan import Shard, plan_shards
 from jobs.progress import ProgressMonitor
@@ -113,6 +115,12 @@ class PreparedJob:
         """Shards without a done marker, in order."""
         return [s for s in self.shards if not self.out.is_done(s)]
 
+    @property
+    def with_errors(self) -> list[Shard]:
+        """Done shards that hold error samples (per their done markers), in order."""
+        return [s for s in self.shards
+                if (self.out.done_marker(s.name) or {}).get("samples_error")]  # fmt: skip
+
     def total_images(self, shards: list[Shard]) -> int:
         """Samples planned in ``shards`` (error rows included)."""
         return sum(total_images(self.manifest, s.start, s.stop, self.config.images_per_prompt)
@@ -162,7 +170,9 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
     if overwrite or on_this_node:
         _check_no_queued_tasks(out)
     if overwrite:
-        _clear(out)
+        with ShardLocks(out.root, new_run_id(), "overwrite") as probe:
+            probe.acquire_existing()  # refuse to wipe shards a live run is writing
+            _clear(out)
     _check_same_job(out, record, config)
     write_json(out.job_json, record)
     shards = plan_shards(manifest.num_rows, config.shard_size or 1)
@@ -170,29 +180,49 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
 
 
 def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrite: bool = False,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+              retry_errors: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Run a job on this node and return its summary (also OUT/summary.json).
 
     Args:
         config: the job's options.
         launch_wall: time.time() at CLI start (default: now), for startup_s.
         overwrite: replace an --out directory that holds a different job.
+        retry_errors: generate the samples whose status is "error" again (and only those,
+            with the shards not yet done).
         echo: where one-line notices go.
     Raises:
-        JobError: bad manifest, options, or an --out holding another job.
+        JobError: bad manifest, options, an --out holding another job, or shards being written
+            by another run.
         RunFailed: a rank failed (its error has been printed).
     """
     launch_wall = launch_wall or time.time()
     job = prepare_job(config, overwrite=overwrite, echo=echo)
-    out, pending = job.out, job.pending
-    echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of {config.shard_size} "
-         f"rows; {len(pending)} to run; out: {out.root}")  # fmt: skip
-    shutil.rmtree(out.runs, ignore_errors=True)
-    if pending:
-        run_id = new_run_id()
-        with ProgressMonitor(out.run_dir / "progress", job.total_images(pending)):
-            run_shards(out, run_id, gpus=config.gpus, threads=job.threads)
+    out = job.out
+    run_id = new_run_id()
+    with ShardLocks(out.root, run_id, out.scope) as locks:
+        locks.acquire(job.pending + (job.with_errors if retry_errors else []))
+        if retry_errors:
+            reopen_errors(job, job.with_errors + job.pending, echo)
+        pending = job.pending
+        echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of "
+             f"{config.shard_size} rows; {len(pending)} to run; out: {out.root}")  # fmt: skip
+        shutil.rmtree(out.runs, ignore_errors=True)
+        if pending:
+            with ProgressMonitor(out.run_dir / "progress", job.total_images(pending)):
+                run_shards(out, run_id, gpus=config.gpus, threads=job.threads, echo=echo,
+                           locks=locks)  # fmt: skip
     return build_summary(out, launch_wall=launch_wall, num_shards=len(job.shards))
+
+
+def reopen_errors(job: PreparedJob, shards: list[Shard], echo: Callable[[str], None]) -> int:
+    """``--retry-errors``: make the error samples of ``shards`` unfinished (their write locks
+    must be held), so that the next run generates them again. Returns how many."""
+    tag = f"retry{time.time_ns()}"
+    counts = {s.name: job.out.reopen_errors(s, tag) for s in shards}
+    total = sum(counts.values())
+    echo(f"retry-errors: {total} error sample(s) in {sum(1 for c in counts.values() if c)} "
+         "shard(s) will be generated again")  # fmt: skip
+    return total
 
 
 def _check_no_queued_tasks(out: OutputDir) -> None:
@@ -212,16 +242,50 @@ def new_run_id() -> str:
 
 
 def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
-               shard_indices: list[int] | None = None, pin_cpus: bool = True) -> None:  # fmt: skip
+               shard_indices: list[int] | None = None, pin_cpus: bool = True,
+               echo: Callable[[str], None] = print, locks: ShardLocks | None = None) -> None:  # fmt: skip
     """Run ``gpus`` ranks over the shards (None: all) on this node, under ``out.scope``.
 
-    One rank runs in this process; more run under ``torchrun --standalone`` (c10d rendezvous on
-    localhost with a free port, so two runs on one node do not collide).
+    The run first takes the write lock of every unfinished shard it covers (jobs.lock): a shard
+    that another live run is writing makes it refuse; a stale lock (its run was killed) is taken
+    over, and so is a commit lock that a run killed mid-commit left. One rank runs in this
+    process; more run under ``torchrun --standalone`` (c10d rendezvous on localhost with a free
+    port, so two runs on one node do not collide), which holds the locks with this process and
+    is killed by the kernel if this process dies (and its ranks with it). ``locks``: locks the
+    caller already holds for this run (taken here when None, and released on return).
 
     Raises:
-        JobError: the job cannot run (one in-process rank).
+        JobError: the job cannot run (a shard is locked by another run; a rank found the job
+            invalid, e.g. a size the model cannot make).
         RunFailed: a rank failed; the message is the root cause among the ranks' reports.
     """
+    job = json.loads(out.job_json.read_text())
+    shards = plan_shards(job["manifest"]["num_rows"], job["config"]["shard_size"])
+    if shard_indices is not None:
+        shards = [shards[i] for i in sorted(set(shard_indices))]
+    with contextlib.ExitStack() as stack:
+        if locks is None:
+            locks = stack.enter_context(ShardLocks(out.root, run_id, out.scope))
+        locks.acquire(s for s in shards if not out.is_done(s))
+        for stale in locks.stale:
+            echo(stale.describe())
+        for shard in shards:
+            if not out.is_done(shard) and out.clear_stale_commit(shard):
+                echo(f"{shard.name}: removed the commit lock of a run killed while committing")
+        _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
+                   pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip
+
+
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9); "  # PR_SET_PDEATHSIG, SIGKILL
+    "os.getppid() == int(sys.argv[1]) or os._exit(137); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+"""Starts a command that the kernel kills when the launcher dies (Linux; survives exec)."""
+
+
+def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
+               shard_indices: list[int] | None, pin_cpus: bool, lock_fds: list[int]) -> None:  # fmt: skip
     if gpus == 1:
         from jobs.worker import run_rank
 
@@ -232,31 +296,40 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={gpus}", "-m", "jobs.worker", str(out.root), run_id, out.scope,
         format_shards(shard_indices), *([] if pin_cpus else ["--no-pin"]),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env)
+    if sys.platform.startswith("linux"):
+        cmd = ["-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
+    proc = subprocess.run([sys.executable, *cmd], env=env, pass_fds=lock_fds)
     if proc.returncode != 0:
+        report = _first_failure(out)
+        if report is not None and report.get("job_error"):
+            raise JobError(report["error"])
+        cause = _describe_failure(report, proc.returncode)
         raise RunFailed(
-            f"{_first_failure(out, proc.returncode)}. Finished shards and flushed samples are "
-            "kept: re-run the same command to resume."
+            f"{cause}. Finished shards and flushed samples are kept: re-run the same command "
+            "to resume."
         )
 
 
-def _first_failure(out: OutputDir, returncode: int) -> str:
+def _first_failure(out: OutputDir) -> dict[str, Any] | None:
     """The root cause among the ranks' error reports: the earliest error that is not a broken
-    collective (those follow another rank's failure), else the earliest one."""
+    collective (those follow another rank's failure), else the earliest one; None if none."""
     reports = []
     for path in (out.run_dir / "ranks").glob("rank-*.error.json"):
         try:
             reports.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    if not reports:
+    return min(reports, key=lambda r: (r["collective"], r["time"])) if reports else None
+
+
+def _describe_failure(first: dict[str, Any] | None, returncode: int) -> str:
+    if first is None:
         return f"a rank failed (torchrun exit {returncode}; a rank killed by a signal leaves " \
             "no report: see torchrun's report above)"
-    first = min(reports, key=lambda r: (r["collective"], r["time"]))
     hint = (" (a broken group follows another rank's failure; a rank that died or hung leaves "
             "no report of its own: see torchrun's report above)")  # fmt: skip
     return f"rank {first['rank']} failed: {first['error']}" + (hint if first["collective"] else "")

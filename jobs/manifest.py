@@ -37,7 +37,7 @@ KNOWN_COLUMNS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
 }
 
 RESERVED_COLUMNS = (
-    "sample_id", "row_index", "image_index", "status", "error", "image", "fresh_uncond",
+    "sample_id", "row_index", "image_index", "status", "error", "warning", "image", "fresh_uncond",
     "reused_uncond", "invalidations", "gate_step", "denoise_s",
 )  # fmt: skip
 """Output columns a manifest may not carry (they would be overwritten)."""

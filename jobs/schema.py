@@ -28,6 +28,7 @@ _TAIL = [
     ("seed", pa.int64()),
     ("status", pa.string()),
     ("error", pa.string()),
+    ("warning", pa.string()),
     ("image", IMAGE_TYPE),
     ("width", pa.int64()),
     ("height", pa.int64()),
@@ -148,6 +149,7 @@ def samples_table(
         cols["seed"].append(req.seed)
         cols["status"].append("ok" if ok else "error")
         cols["error"].append(None if ok else error)
+        cols["warning"].append(r.warning if r is not None else None)
         if "video" in cols:
             cols["video"].append(
                 {"bytes": mp4_bytes(r.image), "path": f"{req.sample_id}.mp4"} if ok else None

@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError
-from jobs.launch import RunFailed, prepare_job
+from jobs.launch import RunFailed, new_run_id, prepare_job, reopen_errors
+from jobs.lock import ShardLocks
 from jobs.slurm import (
     SlurmOptions,
     active_shards,
@@ -33,7 +34,8 @@ GONE_GRACE_S = 10.0
 
 
 def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: float | None = None,
-                 overwrite: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any] | None:  # fmt: skip
+                 overwrite: bool = False, retry_errors: bool = False,
+                 echo: Callable[[str], None] = print) -> dict[str, Any] | None:  # fmt: skip
     """Submit the job's unfinished shards as SLURM array tasks.
 
     Shards done are skipped, and so are shards held by this job's tasks still in the queue, so
@@ -45,6 +47,8 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
         launch_wall: time.time() at CLI start (default: now); the summary's times (startup_s,
             time_to_first_image_s, time_to_done_s) count from the submission when there is one.
         overwrite: replace an --out directory that holds a different job.
+        retry_errors: submit the samples whose status is "error" again (shards not held by
+            queued tasks).
         echo: where one-line notices go.
     Returns:
         With ``options.wait``, the job's summary (OUT/summary.json); else None.
@@ -60,7 +64,15 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
     job = prepare_job(config, overwrite=overwrite, echo=echo, on_this_node=False)
     out = job.out
     states = queue_states(out) or {}
-    held = active_shards(out, states) & {s.index for s in job.pending}
+    queued = active_shards(out, states)
+    with ShardLocks(out.root, new_run_id(), "submit") as probe:
+        # A shard that a live local run (or a running task) writes is refused here, not in a task.
+        probe.acquire(s for s in job.pending if s.index not in queued)
+        if retry_errors:
+            errored = [s for s in job.with_errors if s.index not in queued]
+            probe.acquire(errored)
+            reopen_errors(job, errored + [s for s in job.pending if s.index not in queued], echo)
+    held = queued & {s.index for s in job.pending}
     todo = [s.index for s in job.pending if s.index not in held]
     tasks = group_shards(todo, options.shards_per_task)
     echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of {config.shard_size} "

@@ -113,6 +113,19 @@ def last_errors(out: OutputDir, limit: int = 5) -> list[str]:
     return (messages + rows)[:limit]
 
 
+def error_rows(out_dir: str, limit: int = 3) -> list[str]:
+    """The first ``limit`` error rows of the done shards, in manifest order:
+    ``row R (sample_id): error``."""
+    rows: list[str] = []
+    for path in sorted((OutputDir(out_dir).root / "samples").glob("shard-*.parquet")):
+        table = pq.read_table(path, columns=["sample_id", "row_index", "status", "error"])
+        table = table.filter(pc.equal(table.column("status"), "error"))
+        rows += [f"row {r['row_index']} ({r['sample_id']}): {r['error']}" for r in table.to_pylist()]
+        if len(rows) >= limit:
+            break
+    return rows[:limit]
+
+
 def _task_error(path) -> str | None:  # noqa: ANN001
     """The last line of a failed submitit task's traceback, or None if it succeeded."""
     from submitit.core.utils import pickle_load

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.failpoints import failpoint
 from jobs.plan import Shard
 from jobs.schema import STEPS_SCHEMA
 
@@ -139,6 +140,7 @@ class OutputDir:
         work = self.work(shard)
         write_parquet(work / f"part-{tag}.steps.parquet", steps)
         write_parquet(work / f"part-{tag}.samples.parquet", samples)
+        failpoint("part")
 
     def finished_sample_ids(self, shard: Shard, run_id: str) -> set[str]:
         """Sample ids flushed in parts of this shard by earlier runs.
@@ -182,8 +184,60 @@ class OutputDir:
         except BaseException:
             (work / "commit.lock").unlink(missing_ok=True)  # let a later run commit
             raise
+        failpoint("commit-done")
         shutil.rmtree(work, ignore_errors=True)
         return True
+
+    def clear_stale_commit(self, shard: Shard) -> bool:
+        """Remove a commit lock left by a run killed mid-commit. Only for the holder of the
+        shard's write lock (jobs.lock), before its ranks start: no commit can be under way.
+
+        Returns:
+            True if there was one.
+        """
+        lock = self.work(shard) / "commit.lock"
+        found = lock.exists()
+        lock.unlink(missing_ok=True)
+        return found
+
+    def reopen_errors(self, shard: Shard, tag: str) -> int:
+        """Make a shard's error samples unfinished, so that the next run generates them again
+        (``--retry-errors``); its ok samples are kept as they are.
+
+        A done shard's ok samples (and their steps) move into a part, then its done marker is
+        removed; the shard files stay until the next commit replaces them. Parts of an
+        unfinished shard are rewritten without their error rows. Each step is atomic, and a
+        crash between them leaves a state that the same call, or a plain re-run, completes.
+        Only for the holder of the shard's write lock (jobs.lock).
+
+        Args:
+            shard: the shard.
+            tag: names the part that holds a done shard's ok samples (not a run id).
+        Returns:
+            Error samples reopened.
+        """
+        reopened = 0
+        if self.is_done(shard):
+            samples = pq.read_table(self.samples(shard))
+            errors = pc.equal(samples.column("status"), "error")
+            reopened = pc.sum(errors).as_py() or 0
+            if not reopened:
+                return 0
+            ok = samples.filter(pc.invert(errors))
+            shutil.rmtree(self.work(shard), ignore_errors=True)  # a committed shard's leftovers
+            steps = pq.read_table(self.steps(shard))
+            steps = steps.filter(pc.is_in(steps.column("sample_id"), value_set=ok.column("sample_id")))
+            self.write_part(shard, tag, ok, steps)
+            self.done(shard).unlink()
+            return reopened
+        for path in sorted(self.work(shard).glob("part-*.samples.parquet")):
+            table = pq.read_table(path)
+            errors = pc.equal(table.column("status"), "error")
+            count = pc.sum(errors).as_py() or 0
+            if count:
+                write_parquet(path, table.filter(pc.invert(errors)))
+                reopened += count
+        return reopened
 
     def _commit(self, shard: Shard, run_id: str, markers: list[Path], expected_samples: int) -> None:
         """Merge the parts into the shard files and write the done marker (last)."""
@@ -210,6 +264,7 @@ class OutputDir:
             .drop_columns(["_order"])
         )
         write_parquet(self.samples(shard), samples)
+        failpoint("commit-samples")
         write_parquet(self.steps(shard), steps)
         status = samples.column("status").to_pylist()
         write_json(
@@ -224,6 +279,8 @@ class OutputDir:
                     for col in ("fresh_uncond", "reused_uncond", "invalidations")
                     if col in samples.schema.names
                 },
+                "samples_warning": (samples.num_rows - samples.column("warning").null_count
+                                    if "warning" in samples.schema.names else 0),
                 "steps": steps.num_rows,
                 "run_id": run_id,
                 "start_wall": min((i["start_wall"] for i in infos if i["start_wall"]), default=None),

@@ -35,6 +35,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "fresh_uncond": sum(m.get("fresh_uncond", 0) for m in markers),
         "reused_uncond": sum(m.get("reused_uncond", 0) for m in markers),
         "invalidations": sum(m.get("invalidations", 0) for m in markers),
+        "samples_warning": sum(m.get("samples_warning", 0) for m in markers),
         "shards_done": len(markers),
         "shards_total": num_shards,
         "generate_wall_s": round(generate_wall_s, 4),

@@ -23,6 +23,8 @@ import torch
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError
+from jobs.failpoints import failpoint
+from jobs.lock import check_owner
 from jobs.manifest import open_manifest, read_rows
 from jobs.plan import deal, micro_batches, plan_shards
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
@@ -119,9 +121,14 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
         raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
     stats.load_s = time.perf_counter() - start
+    failpoint("loaded")
 
     manifest = open_manifest(config.manifest, check_ids=False)
     family = runner.family
+    for option, value in (("--height", config.height), ("--width", config.width)):
+        if value is not None and value % family.size_multiple:
+            raise JobError(f"{option} {value} is invalid: {model.name} needs a multiple of "
+                           f"{family.size_multiple} (its VAE scale x patch size)")  # fmt: skip
     num_frames = None
     if family.output_kind == "video":
         num_frames = config.num_frames or family.default_num_frames
@@ -168,6 +175,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
                     last_wall = span[1]
                 own = [(p, r) for p, r in zip(batch, results) if p.request.sample_id in writes]
                 if own:
+                    check_owner(out.root, shard.name, run_id)
                     out.write_part(
                         shard,
                         f"{run_id}-r{rank:05d}-{part:05d}",
@@ -178,6 +186,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             progress.add(len(ours))
         out.mark_rank_finished(shard, run_id, rank,
                                {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
+        failpoint("rank-finished")
         out.try_commit(shard, run_id, world_size, len(planned))
     progress.add(0, force=True)
     barrier()
@@ -238,7 +247,8 @@ def report_failure(out: OutputDir, rank: int, exc: BaseException, *, collective:
     """
     message = str(exc) if isinstance(exc, (JobError, CollectiveError)) else f"{type(exc).__name__}: {exc}"
     write_json(out.rank_error(rank),
-               {"rank": rank, "error": message, "collective": collective, "time": time.time()})  # fmt: skip
+               {"rank": rank, "error": message, "collective": collective,
+                "job_error": isinstance(exc, JobError), "time": time.time()})  # fmt: skip
     print(f"gen: rank {rank}: error: {message}", file=sys.stderr, flush=True)
 
 
@@ -252,9 +262,27 @@ def parse_shards(arg: str) -> list[int] | None:
     return None if arg == "all" else [int(i) for i in arg.split(",") if i]
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent (torchrun, or the `gen`
+    launcher) dies, so that a killed run leaves no orphan writing its shards."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @record_errors
 def main() -> None:
     """torchrun entry: ``python -m jobs.worker OUT RUN_ID SCOPE SHARDS [--no-pin]``."""
+    die_with_parent()
     out_dir, run_id, scope, shards = sys.argv[1:5]
     rank = int(os.environ["RANK"])
     out = OutputDir(out_dir, scope)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,36 @@ class DenoiseTrace:
     steps: list[StepRecord]
     gate: CfgGate
     """Gating state at the end of the call: invalidations, first reused step."""
+    first_nonfinite: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per branch ("cond", "uncond"): (B,) int64 on the prediction's device, the first step at
+    which the sample's prediction held a NaN or an infinity, -1 if none. Kept on the device so
+    the check costs no synchronization per step."""
+
+    def check_finite(self, step: int, predictions: dict[str, torch.Tensor]) -> None:
+        """Record which samples' predictions are not finite at ``step``.
+
+        Args:
+            step: 0-based step index.
+            predictions: branch name -> (B, ...) prediction of every sample (the uncond one
+                as handed to the pipeline, reused or fresh).
+        """
+        for name, pred_B in predictions.items():
+            bad_B = ~torch.isfinite(pred_B).reshape(pred_B.shape[0], -1).all(dim=1)
+            first_B = self.first_nonfinite.get(name)
+            if first_B is None:
+                first_B = torch.full(bad_B.shape, -1, dtype=torch.long, device=bad_B.device)
+            self.first_nonfinite[name] = torch.where((first_B < 0) & bad_B, step, first_B)
+
+    def nonfinite_errors(self, batch: int) -> list[str | None]:
+        """Per sample: why its predictions are unusable (the first non-finite step and branch,
+        and the denoiser that produced it), or None."""
+        errors: list[str | None] = [None] * batch
+        for name, first_B in self.first_nonfinite.items():
+            for i, step in enumerate(first_B.tolist()):
+                if step >= 0 and errors[i] is None:
+                    errors[i] = (f"non-finite {name} noise prediction at step {step} "
+                                 f"({self.steps[step].denoiser})")  # fmt: skip
+        return errors
 
 
 @dataclass
@@ -190,6 +220,7 @@ class DenoiserHook:
             ran = dict(zip([b.name for b in running], self.executor.run(running, run)))
             if guidance:
                 ran["uncond"] = gate.combine(name, fresh, ran["cond"], ran.get("uncond"))
+            trace.check_finite(step, ran)
             fresh_set = set(fresh)
             unconds = tuple(
                 "none" if not guidance else "fresh" if i in fresh_set else "reused"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.conventions import CfgConvention, Conditioning
+from pipeline.prompts import truncation_warnings
 from pipeline.wan import WanFamily
 
 __all__ = ["FAMILIES", "CfgConvention", "Conditioning", "StableDiffusionFamily", "WanFamily",
@@ -69,6 +70,12 @@ class StableDiffusionFamily:
             list(negative_prompts) if guidance else None,
         )
         return Conditioning(prompt_embeds, negative if guidance else None)
+
+    def prompt_warnings(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> list[str | None]:
+        """Per prompt, a warning if CLIP truncates it or its negative prompt (pipeline.prompts)."""
+        tokenizer = self.pipe.tokenizer
+        return truncation_warnings(tokenizer, tokenizer.model_max_length, "CLIP", prompts,
+                                   negative_prompts)  # fmt: skip
 
     def denoise(
         self,

@@ -65,6 +65,8 @@ class SampleResult:
     """PIL image, or (F, H, W, 3) uint8 frames for video models; None on error, or when
     another rank of the CFG group decodes it."""
     error: str | None = None
+    warning: str | None = None
+    """A note on a generated sample, e.g. its prompt was truncated by the text encoder."""
     steps: list[StepRecord] = field(default_factory=list)
     invalidations: int = 0
     """Cached guidance deltas dropped on a denoiser switch (shared by the micro-batch)."""
@@ -161,6 +163,10 @@ class StageRunner:
             cond = self.family.encode(
                 [p for p, _ in pairs], [n for _, n in pairs], guidance=guidance
             ).select([pairs.index((r.prompt, r.negative_prompt)) for r in requests])
+            warnings = self.family.prompt_warnings(
+                [r.prompt for r in requests],
+                [r.negative_prompt if guidance else "" for r in requests],
+            )
 
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
             start = time.perf_counter()
@@ -184,15 +190,19 @@ class StageRunner:
             denoise_s = time.perf_counter() - start
 
         results = []
+        nonfinite = trace.nonfinite_errors(len(requests))
         for i, request in enumerate(requests):
             result = SampleResult(
                 request,
+                warning=warnings[i],
                 steps=[replace(s, uncond=s.unconds[i]) for s in trace.steps],
                 denoise_s=denoise_s,
                 invalidations=trace.gate.invalidations,
                 gate_step=trace.gate.first_reused[i],
             )
-            if not torch.isfinite(latents[i]).all():
+            if nonfinite[i]:
+                result.error = nonfinite[i]
+            elif not torch.isfinite(latents[i]).all():
                 result.error = "non-finite latents after denoising"
             elif decode[i]:
                 try:  # one image per VAE call (diffusers' VAE slicing)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.conventions import CfgConvention, Conditioning
+from pipeline.prompts import truncation_warnings
 from pipeline.smoke_models import GEN_DEFAULTS_FILE
 
 MAX_SEQUENCE_LENGTH = 512
@@ -84,6 +85,11 @@ class WanFamily:
         if num_frames < 1 or (num_frames - 1) % scale:
             return f"must be {scale}k + 1 (1, {scale + 1}, {2 * scale + 1}, ..., 81)"
         return None
+
+    def prompt_warnings(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> list[str | None]:
+        """Per prompt, a warning if UMT5's 512 tokens truncate it or its negative prompt."""
+        return truncation_warnings(self.pipe.tokenizer, MAX_SEQUENCE_LENGTH, "UMT5", prompts,
+                                   negative_prompts)  # fmt: skip
 
     @torch.no_grad()
     def encode(
