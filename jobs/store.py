@@ -126,8 +126,10 @@ class OutputDir:
             return None
 
     def in_flight_parts(self) -> list[Path]:
-        """Samples parts of shards not yet committed (OUT/.gen/shards/*/part-*.samples.parquet)."""
-        return sorted(self.root.glob(".gen/shards/*/part-*.samples.parquet"))
+        """Samples parts of shards not yet committed (OUT/.gen/shards/*/part-*.samples.parquet);
+        parts that a run killed just after a commit left beside a done marker are left out."""
+        parts = sorted(self.root.glob(".gen/shards/*/part-*.samples.parquet"))
+        return [p for p in parts if not (self.root / "done" / f"{p.parent.name}.json").exists()]
 
     def done_markers(self) -> list[dict[str, Any]]:
         """Contents of every done marker, in shard order."""

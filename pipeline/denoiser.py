@@ -79,13 +79,13 @@ class DenoiseTrace:
     def nonfinite_errors(self, batch: int) -> list[str | None]:
         """Per sample: why its predictions are unusable (the first non-finite step and branch,
         and the denoiser that produced it), or None."""
-        errors: list[str | None] = [None] * batch
+        first: list[tuple[int, str] | None] = [None] * batch
         for name, first_B in self.first_nonfinite.items():
             for i, step in enumerate(first_B.tolist()):
-                if step >= 0 and errors[i] is None:
-                    errors[i] = (f"non-finite {name} noise prediction at step {step} "
-                                 f"({self.steps[step].denoiser})")  # fmt: skip
-        return errors
+                if step >= 0 and (first[i] is None or step < first[i][0]):
+                    first[i] = (step, name)
+        return [None if f is None else f"non-finite {f[1]} noise prediction at step {f[0]} "
+                f"({self.steps[f[0]].denoiser})" for f in first]  # fmt: skip
 
 
 @dataclass

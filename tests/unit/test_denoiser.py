@@ -185,3 +185,42 @@ def test_two_call_convention_needs_the_uncond_inputs() -> None:
     hook = DenoiserHook(FakePipe(), conv, SerialBranchExecutor(batched=True))
     with pytest.raises(ValueError, match="uncond_inputs"), hook.intercept(batch=1, guidance=True):
         pass
+
+
+class NanUNet(TinyUNet):
+    """Sample 1's cond prediction turns NaN from the third call on."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states=None,  # noqa: ANN001
+                return_dict: bool = True) -> Any:  # fmt: skip
+        out = super().forward(sample, timestep, encoder_hidden_states, return_dict=False)[0].clone()
+        if len(self.calls) >= 3 and sample.shape[0] == 4:  # [uncond 0, uncond 1, cond 0, cond 1]
+            out[3] = float("nan")
+        return {"sample": out} if return_dict else (out,)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_non_finite_predictions_are_named_per_sample(batched: bool) -> None:
+    pipe = FakePipe()
+    pipe.unet = NanUNet()
+    x, e = _inputs(2)
+    hook = DenoiserHook(pipe, SD, SerialBranchExecutor(batched=True))
+    with hook.intercept(batch=2, guidance=True) as trace:
+        for t in (900, 800, 700, 600):
+            pipe.unet(x, torch.tensor(t), encoder_hidden_states=e, return_dict=False)
+    assert trace.nonfinite_errors(2) == [None, "non-finite cond noise prediction at step 2 (unet)"]
+
+
+def test_check_finite_keeps_the_first_step() -> None:
+    from pipeline.denoiser import DenoiseTrace
+    from pipeline.gating import CfgGate
+
+    trace = DenoiseTrace([StepRecord(i, 0.0, "transformer", "fresh", 0.0) for i in range(3)],
+                         CfgGate(1.0, 3, None))  # fmt: skip
+    ok = torch.zeros(3, 2)
+    inf_at_0 = ok.clone()
+    inf_at_0[0, 1] = float("inf")
+    trace.check_finite(0, {"cond": ok, "uncond": ok})
+    trace.check_finite(1, {"cond": ok, "uncond": inf_at_0})
+    trace.check_finite(2, {"cond": inf_at_0, "uncond": inf_at_0})
+    assert trace.nonfinite_errors(3) == [
+        "non-finite uncond noise prediction at step 1 (transformer)", None, None]

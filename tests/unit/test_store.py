@@ -209,3 +209,54 @@ def test_rerun_after_failed_commit_commits(tmp_path: Path) -> None:
     assert out.try_commit(SHARD, "run2", 1, 3)
     assert out.is_done(SHARD)
     assert pq.read_table(out.samples(SHARD)).num_rows == 3
+
+
+def test_reopen_errors_of_a_done_shard_keeps_ok_samples(tmp_path: Path) -> None:
+    out = OutputDir(tmp_path)
+    _part(out, "run-p1", (30, 0), (32, 0))
+    _part(out, "run-p2", (31, 0), status="error")
+    out.mark_rank_finished(SHARD, "run", 0, INFO)
+    assert out.try_commit(SHARD, "run", 1, 3)
+    ok_bytes = pq.read_table(out.samples(SHARD)).filter(pa.compute.equal(
+        pa.compute.field("status"), "ok")).to_pylist()  # fmt: skip
+    assert out.reopen_errors(SHARD, "retry1") == 1
+    assert not out.is_done(SHARD)
+    assert out.finished_sample_ids(SHARD, "run2") == {"000000030-0", "000000032-0"}
+    # The next run writes the retried sample; the commit holds each sample once, ok ones as before.
+    _part(out, "run2-p1", (31, 0))
+    out.mark_rank_finished(SHARD, "run2", 0, INFO)
+    assert out.try_commit(SHARD, "run2", 1, 3)
+    merged = pq.read_table(out.samples(SHARD)).to_pylist()
+    assert [(s["sample_id"], s["status"]) for s in merged] == [
+        ("000000030-0", "ok"), ("000000031-0", "ok"), ("000000032-0", "ok")]
+    assert [s for s in merged if s["sample_id"] != "000000031-0"] == ok_bytes
+    assert pq.read_table(out.steps(SHARD)).num_rows == 3 * 2
+    assert json.loads(out.done(SHARD).read_text())["samples_error"] == 0
+
+
+def test_reopen_errors_of_a_clean_done_shard_is_a_no_op(tmp_path: Path) -> None:
+    out = OutputDir(tmp_path)
+    _part(out, "run-p1", (30, 0), (31, 0), (32, 0))
+    out.mark_rank_finished(SHARD, "run", 0, INFO)
+    assert out.try_commit(SHARD, "run", 1, 3)
+    before = out.done(SHARD).read_bytes()
+    assert out.reopen_errors(SHARD, "retry1") == 0
+    assert out.done(SHARD).read_bytes() == before
+
+
+def test_reopen_errors_of_an_unfinished_shard_drops_error_rows_from_parts(tmp_path: Path) -> None:
+    out = OutputDir(tmp_path)
+    _part(out, "run-p1", (30, 0), (31, 0))
+    _part(out, "run-p2", (32, 0), status="error")
+    assert out.reopen_errors(SHARD, "retry1") == 1
+    assert out.finished_sample_ids(SHARD, "run2") == {"000000030-0", "000000031-0"}
+
+
+def test_stale_commit_lock_is_cleared(tmp_path: Path) -> None:
+    out = OutputDir(tmp_path)
+    _part(out, "run-p1", (30, 0), (31, 0), (32, 0))
+    (out.work(SHARD) / "commit.lock").write_text("")  # a run killed while committing
+    out.mark_rank_finished(SHARD, "run2", 0, INFO)
+    assert not out.try_commit(SHARD, "run2", 1, 3)
+    assert out.clear_stale_commit(SHARD)
+    assert out.try_commit(SHARD, "run2", 1, 3)
