@@ -267,6 +267,9 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
         if locks is None:
             locks = stack.enter_context(ShardLocks(out.root, run_id, out.scope))
         locks.acquire(s for s in shards if not out.is_done(s))
+        # A run killed after a commit leaves the shard's lock file, and maybe its parts.
+        locks.sweep((s.name for s in shards if out.is_done(s)),
+                    lambda name: shutil.rmtree(out.root / ".gen" / "shards" / name, ignore_errors=True))  # fmt: skip
         for stale in locks.stale:
             echo(stale.describe())
         for shard in shards:

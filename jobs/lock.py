@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,28 @@ class ShardLocks:
             os.set_inheritable(fd, True)
             self._held[name] = fd
             return None
+
+    def sweep(self, names: Iterable[str], cleanup: Callable[[str], None]) -> None:
+        """For each shard of ``names`` (done shards) that has a lock file no live run holds:
+        call ``cleanup(name)`` under its lock, then remove the file. Locks held by a live run
+        are left alone."""
+        for name in names:
+            path = lock_path(self.root, name)
+            if name in self._held or not path.exists():
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    cleanup(name)
+                    path.unlink()
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            finally:
+                os.close(fd)
 
     def release(self) -> None:
         """Remove the lock files and release the locks (unlink first, so a run that opened the
