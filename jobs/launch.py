@@ -279,14 +279,6 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
                    pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip
 
 
-_DIE_WITH_PARENT = (
-    "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9); "  # PR_SET_PDEATHSIG, SIGKILL
-    "os.getppid() == int(sys.argv[1]) or os._exit(137); "
-    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
-)
-"""Starts a command that the kernel kills when the launcher dies (Linux; survives exec)."""
-
-
 def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
                shard_indices: list[int] | None, pin_cpus: bool, lock_fds: list[int]) -> None:  # fmt: skip
     if gpus == 1:
@@ -299,13 +291,11 @@ def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     cmd = [
-        "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "jobs.torchrun", str(os.getpid()), "--standalone",
         f"--nproc-per-node={gpus}", "-m", "jobs.worker", str(out.root), run_id, out.scope,
         format_shards(shard_indices), *([] if pin_cpus else ["--no-pin"]),
     ]  # fmt: skip
-    if sys.platform.startswith("linux"):
-        cmd = ["-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
-    proc = subprocess.run([sys.executable, *cmd], env=env, pass_fds=lock_fds)
+    proc = subprocess.run(cmd, env=env, pass_fds=lock_fds)
     if proc.returncode != 0:
         report = _first_failure(out)
         if report is not None and report.get("job_error"):

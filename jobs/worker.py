@@ -30,6 +30,7 @@ from jobs.plan import deal, micro_batches, plan_shards
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
 from jobs.schema import samples_schema, samples_table, steps_table
 from jobs.store import OutputDir, write_json
+from jobs.torchrun import JOB_ERROR_EXIT, die_with_parent
 from parallel.cfg_group import CollectiveError
 from parallel.group import barrier, cfg_group, close_ranks, init_ranks, record_errors
 from parallel.platform import detect_platform, parse_dtype, pin_cpu_rank
@@ -262,27 +263,10 @@ def parse_shards(arg: str) -> list[int] | None:
     return None if arg == "all" else [int(i) for i in arg.split(",") if i]
 
 
-def die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent (torchrun, or the `gen`
-    launcher) dies, so that a killed run leaves no orphan writing its shards."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 @record_errors
 def main() -> None:
     """torchrun entry: ``python -m jobs.worker OUT RUN_ID SCOPE SHARDS [--no-pin]``."""
-    die_with_parent()
+    die_with_parent(os.getppid())
     out_dir, run_id, scope, shards = sys.argv[1:5]
     rank = int(os.environ["RANK"])
     out = OutputDir(out_dir, scope)
@@ -293,7 +277,7 @@ def main() -> None:
                  shard_indices=parse_shards(shards), pin_cpus="--no-pin" not in sys.argv[5:])  # fmt: skip
     except JobError as exc:
         report_failure(out, rank, exc, collective=False)
-        sys.exit(2)
+        sys.exit(JOB_ERROR_EXIT)
     except CollectiveError as exc:
         report_failure(out, rank, exc, collective=True)
         sys.exit(3)

@@ -166,6 +166,19 @@ def test_gating_without_guidance_warns_once(tmp_path: Path) -> None:
         (["{ok}", "--cfg-parallel-size", "0"], "--cfg-parallel-size 0"),
         (["{ok}", "--height", "65"], "--height 65"),
         (["{ok}", "--model", "{dir}"], "no model_index.json"),
+        (["{empty}"], "has no rows"),
+        (["{truncated}"], "not a readable parquet file"),
+        (["{intprompt}"], "column 'prompt' has type int64, expected string"),
+        (["{textsteps}"], "column 'num_inference_steps' has type string, expected integer"),
+        (["{dupids}"], "column 'id' has 1 duplicated values (e.g. 'a')"),
+        (["{ok}", "--gpus", "-1"], "--gpus -1"),
+        (["{ok}", "--steps", "0"], "--steps 0 is invalid: must be >= 1"),
+        (["{ok}", "--guidance-scale", "-2"], "--guidance-scale -2.0 is invalid"),
+        (["{ok}", "--batch-size", "0"], "--batch-size 0 is invalid"),
+        (["{ok}", "--partition", "gpu"], "--partition needs --slurm"),
+        # The model's own factor (tiny-wan22: VAE 8 x patch 2), found by the ranks: still exit 2.
+        (["{ok}", "--model", "tiny-wan22", "--height", "24", "--gpus", "2"],
+         "--height 24 is invalid: tiny-wan22 needs a multiple of 16"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -173,9 +186,17 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
     pq.write_table(pa.table({"text": ["a cat"]}), tmp_path / "noprompt")
     pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "ok")
     pq.write_table(pa.table({"prompt": ["a cat"], "cfg_gate_step": ["half"]}), tmp_path / "textgate")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty")
+    pq.write_table(pa.table({"prompt": ["a cat"] * 100}), tmp_path / "full")
+    (tmp_path / "truncated").write_bytes((tmp_path / "full").read_bytes()[:-100])
+    pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "intprompt")
+    pq.write_table(pa.table({"prompt": ["a"], "num_inference_steps": ["ten"]}), tmp_path / "textsteps")
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "id": ["a", "b", "a"]}), tmp_path / "dupids")
     paths = {"dir": tmp_path, "notparquet": tmp_path / "notparquet",
              "noprompt": tmp_path / "noprompt", "ok": tmp_path / "ok",
-             "textgate": tmp_path / "textgate"}  # fmt: skip
+             "textgate": tmp_path / "textgate", "empty": tmp_path / "empty",
+             "truncated": tmp_path / "truncated", "intprompt": tmp_path / "intprompt",
+             "textsteps": tmp_path / "textsteps", "dupids": tmp_path / "dupids"}  # fmt: skip
     argv = [a.format(**paths) for a in args]
     proc = run_gen("batch", *argv, "--out", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
