@@ -58,8 +58,9 @@ def main() -> None:
 @click.option("--slurm-extra", multiple=True, help="Further sbatch option KEY=VALUE (e.g. constraint=a100); repeatable.")
 @click.option("--requeue/--no-requeue", default=True, show_default=True, help="Submit with sbatch --requeue (preempted or requeued tasks resume).")
 @click.option("--wait", is_flag=True, help="With --slurm: block until every shard is done, with a progress bar.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (shards, micro-batches, ranks; with --slurm: tasks and arrays) and stop: nothing is started or written.")
 def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, fail_on_error: bool,
-          **options: object) -> None:  # fmt: skip
+          dry_run: bool, **options: object) -> None:  # fmt: skip
     """Generate images for every row of a parquet MANIFEST (column `prompt`)."""
     from jobs.launch import RunFailed, default_out_dir, run_batch
 
@@ -69,6 +70,12 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
     try:
         slurm = _slurm_options(slurm_args) if use_slurm else _no_slurm(slurm_args)
         config = BatchConfig(manifest=manifest, out=out or default_out_dir(manifest), **options)  # type: ignore[arg-type]
+        if dry_run:
+            from jobs.dry_run import format_plan, plan_dry_run
+
+            for line in format_plan(plan_dry_run(config, slurm, overwrite=overwrite), config):
+                click.echo(line)
+            return
         if slurm is not None:
             from jobs.slurm_launch import submit_batch
 
@@ -126,6 +133,44 @@ def status(out: str, as_json: bool) -> None:
     except JobError as exc:
         raise _JobUsageError(str(exc)) from None
     click.echo(json.dumps(found) if as_json else "\n".join(format_status(found)))
+
+
+@main.command()
+@click.option("--model", default="small-sd", show_default=True, help="Built-in name, local diffusers directory, or hub id.")
+@click.option("--gpus", type=int, default=2, show_default=True, help="Ranks of the CFG-parallel runs (cfg 2), compared with half as many; 1 skips them.")
+@click.option("--steps", "num_inference_steps", type=int, default=20, show_default=True, help="num_inference_steps.")
+@click.option("--height", type=int, help="Pixels [default: the model's native size].")
+@click.option("--width", type=int, help="Pixels [default: the model's native size].")
+@click.option("--prompts", "num_prompts", type=int, default=16, show_default=True, help="Prompts (one image each) per run.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Interleaved repeats of every configuration.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="--batch-size of the CFG-parallel and gating runs.")
+@click.option("--batch-sizes", default="2,4,8", show_default=True, help="Sweep for gen's best batch size against the plain loop (comma-separated).")
+@click.option("--threads", type=int, default=1, show_default=True, help="CPU threads per rank, plain loop included.")
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--cfg-gate-step", type=float, default=0.5, show_default=True, help="Gating fraction of the gated runs.")
+@click.option("--cfg-gate-cosine", type=float, default=0.99, show_default=True, help="Threshold of the adaptive-gating run.")
+@click.option("--no-adaptive", is_flag=True, help="Skip the adaptive-gating run.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--overhead/--no-overhead", default=True, show_default=True, help="Also measure the intercept's per-call overhead.")
+@click.option("--json", "json_path", type=click.Path(), help="JSON report path [default: bench-MODEL-TIMESTAMP.json].")
+@click.option("--work-dir", type=click.Path(), help="Keep the runs' files here [default: a temporary directory].")
+def bench(batch_sizes: str, no_adaptive: bool, cfg_gate_cosine: float, **options: object) -> None:
+    """Measure gen against a plain diffusers loop, and the CFG-parallel and gating ratios."""
+    from jobs.bench import BenchConfig, run_bench
+    from jobs.bench_runs import BenchRunFailed
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise _JobUsageError(f"--batch-sizes {batch_sizes!r} is invalid: comma-separated integers") from None
+    try:
+        config = BenchConfig(batch_sizes=sizes, cfg_gate_cosine=None if no_adaptive else cfg_gate_cosine,
+                             **options)  # type: ignore[arg-type]  # fmt: skip
+        run_bench(config, echo=click.echo)
+    except JobError as exc:
+        raise _JobUsageError(str(exc)) from None
+    except BenchRunFailed as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 _SLURM_OPTIONS = ("partition", "time_limit", "account", "qos", "cpus_per_task", "mem",

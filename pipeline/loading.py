@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.smoke_models import SMOKE_MODELS, ensure_smoke_model
+from pipeline.smoke_models import SMOKE_MODELS, ensure_smoke_model, smoke_model_dir
 
 DEFAULT_MODEL = "tiny-sd"
 
@@ -26,19 +26,22 @@ class ModelRef:
     """True for a built-in random-weight model."""
 
 
-def resolve_model(name: str | None, cache_dir: Path | None = None) -> ModelRef:
+def resolve_model(name: str | None, cache_dir: Path | None = None, *, build: bool = True) -> ModelRef:
     """Map ``--model`` to something from_pretrained loads; builds a built-in model on first use.
 
     Args:
         name: a built-in name (``tiny-sd``, ``small-sd``, ``tiny-wan22``), a local diffusers
             directory, a hub model id, or None for ``tiny-sd``.
         cache_dir: cache for built-in models.
+        build: build a built-in model missing from the cache (False: only say where it would
+            be, for a dry run).
     Raises:
         ValueError: a local path that is not a diffusers directory (no model_index.json).
     """
     name = name or DEFAULT_MODEL
     if name in SMOKE_MODELS:
-        return ModelRef(name=name, path=str(ensure_smoke_model(name, cache_dir)), smoke_test=True)
+        path = ensure_smoke_model(name, cache_dir) if build else smoke_model_dir(name, cache_dir)
+        return ModelRef(name=name, path=str(path), smoke_test=True)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():

@@ -335,6 +335,16 @@ def _build_wan(spec: WanSpec, out: Path) -> None:
     (out / GEN_DEFAULTS_FILE).write_text(json.dumps(defaults) + "\n")
 
 
+def smoke_model_dir(name: str, cache_dir: Path | None = None) -> Path:
+    """Where a built-in model lives once built (``ensure_smoke_model`` builds it there).
+
+    Raises:
+        KeyError: unknown name.
+    """
+    SMOKE_MODELS[name]  # noqa: B018  (unknown names raise)
+    return (cache_dir or default_cache_dir()) / f"{name}-v{BUILD_VERSION}"
+
+
 def ensure_smoke_model(name: str, cache_dir: Path | None = None) -> Path:
     """Return the directory of a built-in model, building and saving it on first use.
 
@@ -351,7 +361,7 @@ def ensure_smoke_model(name: str, cache_dir: Path | None = None) -> Path:
     """
     spec = SMOKE_MODELS[name]
     root = cache_dir or default_cache_dir()
-    final = root / f"{name}-v{BUILD_VERSION}"
+    final = smoke_model_dir(name, cache_dir)
     if (final / "model_index.json").exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
