@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from jobs.memory import peak_rss_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +42,7 @@ class PlainLoopResult:
     threads: int
     """torch.get_num_threads() during the loop."""
     peak_rss_bytes: int
-    """Peak resident memory of the process (getrusage ru_maxrss), bytes."""
+    """Peak resident memory of the process (VmHWM, jobs.memory), bytes."""
     peak_device_bytes: int
     """Peak CUDA memory allocated by torch, bytes; 0 on the CPU."""
 
@@ -100,7 +101,7 @@ def run_plain_loop(manifest: str, model_dir: str, out_dir: str, *, num_inference
         generate_s=generate_s,
         images_per_s=len(rows) / generate_s if generate_s > 0 else 0.0,
         threads=torch.get_num_threads(),
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else 0,
     )
 
