@@ -124,6 +124,10 @@ def open_manifest(path: str | os.PathLike[str], *, check_ids: bool = True) -> Ma
     )
 
 
+STREAM_ROWS = 8192
+"""Rows per batch when a shard's rows sit in a much larger row group (read_rows streams it)."""
+
+
 def read_rows(
     manifest: Manifest, start: int, stop: int, columns: list[str] | None = None
 ) -> pa.Table:
@@ -141,8 +145,22 @@ def read_rows(
     groups = [
         g for g in range(len(offsets) - 1) if offsets[g] < stop and offsets[g + 1] > start
     ]
-    table = pq.ParquetFile(manifest.path).read_row_groups(groups, columns=columns)
-    return table.slice(start - offsets[groups[0]], stop - start)
+    pf = pq.ParquetFile(manifest.path)
+    first = offsets[groups[0]]
+    if offsets[groups[-1] + 1] - first <= max(2 * (stop - start), STREAM_ROWS):
+        return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+    # Row groups much larger than the range: stream them in batches and keep the range only,
+    # so that memory follows the range, not the row group (time still does).
+    kept, row = [], first
+    for batch in pf.iter_batches(batch_size=STREAM_ROWS, row_groups=groups, columns=columns):
+        lo, hi = max(start, row), min(stop, row + batch.num_rows)
+        if lo < hi:
+            kept.append(batch.slice(lo - row, hi - lo))
+        row += batch.num_rows
+        if row >= stop:
+            break
+    table = pa.Table.from_batches(kept)
+    return table.replace_schema_metadata(pf.schema_arrow.metadata)
 
 
 def total_images(manifest: Manifest, start: int, stop: int, images_per_prompt: int) -> int:

@@ -43,6 +43,30 @@ def plan_shards(num_rows: int, shard_size: int) -> list[Shard]:
     ]
 
 
+def num_shards(num_rows: int, shard_size: int) -> int:
+    """Shards of ``plan_shards(num_rows, shard_size)``, without building them.
+
+    Raises:
+        ValueError: num_rows < 0 or shard_size < 1.
+    """
+    if num_rows < 0 or shard_size < 1:
+        raise ValueError(f"cannot shard {num_rows} rows by {shard_size}")
+    return -(-num_rows // shard_size)
+
+
+def shard_at(num_rows: int, shard_size: int, index: int) -> Shard:
+    """Shard ``index`` of ``plan_shards(num_rows, shard_size)``, without building the others
+    (a rank of a SLURM task holds a few shards of a plan that may have millions).
+
+    Raises:
+        IndexError: index outside [0, num_shards).
+    """
+    if not 0 <= index < num_shards(num_rows, shard_size):
+        raise IndexError(f"shard {index} of {num_shards(num_rows, shard_size)}")
+    start = index * shard_size
+    return Shard(index, start, min(start + shard_size, num_rows))
+
+
 def micro_batches(samples: Sequence[PlannedSample], batch_size: int) -> list[list[PlannedSample]]:
     """Group samples into micro-batches.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +25,8 @@ from jobs.errors import JobError
 from jobs.failpoints import failpoint
 from jobs.lock import check_owner
 from jobs.manifest import open_manifest, read_rows
-from jobs.plan import deal, micro_batches, plan_shards
+from jobs.memory import peak_rss_bytes
+from jobs.plan import deal, micro_batches, plan_shards, shard_at
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
 from jobs.schema import samples_schema, samples_table, steps_table
 from jobs.store import OutputDir, write_json
@@ -150,9 +150,10 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     schema = samples_schema(manifest.schema, family.output_kind)
     progress = ProgressFile(out, rank)
     progress.add(0, force=True)  # loaded: the launcher starts its bar
-    shards = plan_shards(manifest.num_rows, config.shard_size)
-    if shard_indices is not None:
-        shards = [shards[i] for i in sorted(set(shard_indices))]
+    if shard_indices is None:
+        shards = plan_shards(manifest.num_rows, config.shard_size)
+    else:  # only this task's shards: the plan may hold millions
+        shards = [shard_at(manifest.num_rows, config.shard_size, i) for i in sorted(set(shard_indices))]
     for shard in shards:
         if out.is_done(shard):
             continue
@@ -195,7 +196,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         for shard in shards:
             if not out.is_done(shard):
                 out.try_commit(shard, run_id, world_size, _num_samples(manifest, shard, defaults))
-    stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats.peak_rss_bytes = peak_rss_bytes()
     if platform.name == "cuda":
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     write_json(out.rank_stats(rank), stats.__dict__)
