@@ -343,10 +343,12 @@ def _overhead(config: BenchConfig, work: Workload, root: Path) -> dict[str, Any]
     run("tiny-sd serial, no cfg batching", "--model", "tiny-sd", "--batch-size", b, "--no-cfg-batching")
     if config.gpus > 1:
         run("tiny-sd cfg parallel", "--model", "tiny-sd", "--batch-size", b, ranks=2)
-    run(f"{config.model} serial", "--model", config.model, "--batch-size", b,
-        *(["--size", str(size)] if size else []))  # fmt: skip
+    model_run = "tiny-sd serial"
+    if config.model != "tiny-sd" or size:
+        model_run = f"{config.model} serial, bench size"
+        run(model_run, "--model", config.model, "--batch-size", b, *(["--size", str(size)] if size else []))
     over = results["tiny-sd serial"]["overhead_us"]["median"]
-    call = results[f"{config.model} serial"]["inner_us"]["median"]
+    call = results[model_run]["inner_us"]["median"]
     frac = over / call
     target = TARGETS["overhead per call"]
     results["comparison"] = {

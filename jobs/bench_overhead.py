@@ -135,7 +135,8 @@ def measure(pipe: Any, *, batch_size: int, steps: int, size: int | None, repeats
         repeats: measured pipeline calls (after one warm-up call).
         cfg_batching: serial executor: cond and uncond in one forward (True) or two.
         group: the CFG group (parallel.cfg_group.CfgGroup) for CFG-parallel runs; None = serial.
-        ab: also time the stock pipeline call against the intercepted one.
+        ab: also time the stock pipeline call against the intercepted one (serial, batched
+            branches only: the stock pipeline runs them as one forward).
     Returns:
         {"overhead_us": summary of (outer - inner) per call, "inner_us", "outer_us": summaries
         of the per-call times (inner: the original forwards of the call together), "calls",
@@ -155,7 +156,7 @@ def measure(pipe: Any, *, batch_size: int, steps: int, size: int | None, repeats
         result.update(overhead_us=_summary(over), inner_us=_summary([t * 1e6 for t in timer.inner_s]),
                       outer_us=_summary([t * 1e6 for t in timer.outer_s]), calls=len(over),
                       forwards=timer.forwards)  # fmt: skip
-    if ab and group is None:
+    if ab and group is None and cfg_batching:  # the stock pipeline batches its branches
         result["ab"] = _stock_vs_intercepted(runner, requests, repeats)
     return result
 

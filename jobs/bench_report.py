@@ -31,11 +31,11 @@ def format_report(report: dict[str, Any]) -> list[str]:
         overhead figures if measured.
     """
     cfg, m = report["config"], report["machine"]
-    size = f"{cfg['height'] or 'native'}x{cfg['width'] or 'native'}"
+    size = f"{cfg['height']}x{cfg['width']} px" if cfg["height"] and cfg["width"] else "native size"
     lines = [
         f"machine: {m['cpu_cores']} cores ({m['cpu_model'] or '?'}), {m['memory_bytes'] / (1 << 30):.0f} GiB, "
         f"device {m['device']}{' ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, diffusers {m['diffusers']}",
-        f"settings: {cfg['model']}, {size} px, {cfg['num_inference_steps']} steps, {cfg['num_prompts']} prompts, "
+        f"settings: {cfg['model']}, {size}, {cfg['num_inference_steps']} steps, {cfg['num_prompts']} prompts, "
         f"{cfg['threads']} thread(s) per rank, median [min-max] of {cfg['repeats']} interleaved repeat(s)",
         "",
     ]  # fmt: skip
