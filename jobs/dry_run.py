@@ -231,8 +231,9 @@ def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
     ]
     if plan.max_row_group_rows > plan.shard_size:
         lines.append(f"note: row groups of up to {plan.max_row_group_rows:,} rows are larger than a shard "
-                     f"({plan.shard_size:,} rows): each shard streams through its whole row group; "
-                     "write the manifest with row groups <= --shard-size for faster reads")  # fmt: skip
+                     f"({plan.shard_size:,} rows): a rank streams through a row group to read its shard (memory "
+                     "follows the shard, read time the row group); row groups <= --shard-size read "
+                     "faster")  # fmt: skip
     if plan.slurm is None:
         lines.append(f"local: {plan.layout}; {plan.threads_per_rank} CPU thread(s) per rank if there is "
                      f"no GPU; ~{math.ceil(plan.micro_batches / dp):,} micro-batch(es) per dp group")  # fmt: skip
