@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.bench_report import format_report
 from jobs.bench_runs import BenchRunFailed, RunSpec, Workload, run_one, subprocess_env
 from jobs.bench_stats import Target, best, compare, interleave, spread
 from jobs.errors import JobError
@@ -276,8 +277,6 @@ def run_bench(config: BenchConfig, *, echo: Callable[[str], None] = print) -> di
     path = Path(config.json_path or f"bench-{Path(config.model).name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    from jobs.bench_report import format_report
-
     for line in format_report(report):
         echo(line)
     echo(f"json: {path}")
