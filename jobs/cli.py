@@ -73,7 +73,8 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
         if dry_run:
             from jobs.dry_run import format_plan, plan_dry_run
 
-            for line in format_plan(plan_dry_run(config, slurm, overwrite=overwrite), config):
+            plan = plan_dry_run(config, slurm, overwrite=overwrite, retry_errors=retry_errors)
+            for line in format_plan(plan, config):
                 click.echo(line)
             return
         if slurm is not None:

@@ -54,8 +54,11 @@ class DryRunPlan:
     """Unfinished shards held by this job's SLURM tasks still in the queue."""
     shards_to_run: int
     """Shards the run would start (local) or submit (SLURM)."""
+    shards_reopened: int
+    """Of those, done shards reopened by --retry-errors for their error rows."""
     micro_batches: int
-    """Micro-batches of the shards to run, at least (per-row overrides split cells further)."""
+    """Micro-batches of the shards to run, at least (per-row overrides split cells further),
+    not counting reopened shards (they run only the micro-batches holding their error rows)."""
     images: int
     """Images the shards to run ask for."""
     layout: str
@@ -103,6 +106,35 @@ def _images_per_shard(manifest: Manifest, shard_size: int, num_shards: int,
     return per_shard.tolist()
 
 
+def _live_locks(out: OutputDir, shard_indices: set[int]) -> list[dict[str, Any]]:
+    """Holders of the write locks (jobs.lock) that a live run holds on any of ``shard_indices``.
+
+    Probes each lock file with a non-blocking shared flock on a read-only descriptor, released at
+    once: nothing is written, and a lock left by a killed run (free) is not reported.
+    """
+    import fcntl
+    import os
+
+    from jobs.lock import read_holder
+
+    live = []
+    for path in sorted((out.root / ".gen" / "locks").glob("shard-*.lock")):
+        stem = path.name.removesuffix(".lock")
+        if not stem[6:].isdigit() or int(stem[6:]) not in shard_indices:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            live.append({"shard": stem, **(read_holder(path) or {})})
+        finally:
+            os.close(fd)  # closing releases a lock we got
+    return live
+
+
 def _model(config: BatchConfig) -> str:
     from pipeline.loading import resolve_model
 
@@ -138,13 +170,15 @@ def _out_state(config: BatchConfig, manifest: Manifest, out: OutputDir, *, overw
 
 
 def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
-                 overwrite: bool = False) -> DryRunPlan:  # fmt: skip
+                 overwrite: bool = False, retry_errors: bool = False) -> DryRunPlan:  # fmt: skip
     """The plan of a `gen batch` job, without running or writing anything.
 
     Args:
         config: the job's options.
         slurm: the SLURM options with --slurm, else None (a local run on this node).
         overwrite: the run would replace OUT (its done shards count as not done).
+        retry_errors: done shards holding error rows are reopened (their error samples count
+            as the images to make).
     Returns:
         The plan.
     Raises:
@@ -164,13 +198,29 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
     if states and (slurm is None or overwrite):
         out_state += f"; {len(states)} SLURM task(s) of this job are queued: a real run would refuse"
         refused = True
+    reopened: dict[int, int] = {}  # shard -> its error samples, generated again
+    if retry_errors:
+        for i in sorted(done):
+            errors = (out.done_marker(Shard(i, 0, 0).name) or {}).get("samples_error") or 0
+            if errors:
+                reopened[i] = errors
+        done -= set(reopened)
     todo = [i for i in range(num_shards) if i not in done and i not in held]
+    locked = _live_locks(out, set(todo)) if same else []
+    if locked:
+        first = locked[0]
+        out_state += (f"; {len(locked)} shard(s) to run are locked by a live run (e.g. {first['shard']}: "
+                      f"run {first.get('run_id')}, pid {first.get('pid')} on {first.get('host')}): "
+                      "a real run would refuse")  # fmt: skip
+        refused = True
 
     def rows(i: int) -> int:
         return min(shard_size, manifest.num_rows - i * shard_size)
 
     per_shard = _images_per_shard(manifest, shard_size, num_shards, config.images_per_prompt)
-    images = sum(per_shard[i] for i in todo) if per_shard else sum(rows(i) for i in todo) * config.images_per_prompt
+    fresh = [i for i in todo if i not in reopened]
+    images = sum(per_shard[i] for i in fresh) if per_shard else sum(rows(i) for i in fresh) * config.images_per_prompt
+    images += sum(reopened.values())
     sizes = [manifest.row_group_offsets[g + 1] - manifest.row_group_offsets[g]
              for g in range(len(manifest.row_group_offsets) - 1)]  # fmt: skip
     slurm_plan = None
@@ -203,7 +253,8 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
         shards_done=len(done),
         shards_held=len(held),
         shards_to_run=len(todo),
-        micro_batches=sum(math.ceil(rows(i) / config.batch_size) for i in todo),
+        shards_reopened=len(reopened),
+        micro_batches=sum(math.ceil(rows(i) / config.batch_size) for i in fresh),
         images=images,
         layout=config.dims.describe(),
         threads_per_rank=threads,
@@ -224,7 +275,8 @@ def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
         f"model: {plan.model}",
         f"plan: {plan.num_rows:,} rows -> {plan.num_shards:,} shard(s) of {plan.shard_size:,} rows "
         f"(shard-00000 .. {Shard(plan.num_shards - 1, 0, 0).name}); {plan.shards_done:,} done, "
-        f"{plan.shards_held:,} held by queued tasks, {plan.shards_to_run:,} to run",
+        f"{plan.shards_held:,} held by queued tasks, {plan.shards_to_run:,} to run"
+        + (f" ({plan.shards_reopened:,} reopened by --retry-errors)" if plan.shards_reopened else ""),
         f"work: {plan.micro_batches:,} micro-batch(es) of <= {config.batch_size} prompts, "
         f"{plan.images:,} image(s); {config.num_inference_steps} steps",
         f"out: {plan.out}: {plan.out_state}; a real run would write {Path(plan.out) / 'job.json'}",

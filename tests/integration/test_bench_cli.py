@@ -137,3 +137,30 @@ def test_dry_run_on_an_existing_out_counts_done_shards_and_names_a_refusal(tmp_p
     assert "holds a different job (num_inference_steps (2 -> 3) differ)" in other.stdout
     assert "0 done" in other.stdout and "10 to run" in other.stdout
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # untouched
+
+    (out / "done" / "shard-00003.json").write_text(json.dumps({"samples_ok": 97, "samples_error": 3}))
+    retry = _cli("batch", str(manifest), "--out", str(out), "--dry-run", "--shard-size", "100", "--steps", "2",
+                 "--retry-errors")  # fmt: skip
+    assert retry.returncode == 0, retry.stderr
+    assert "1 done, 0 held by queued tasks, 9 to run (1 reopened by --retry-errors)" in retry.stdout
+    assert "803 image(s)" in retry.stdout
+
+
+def test_dry_run_names_a_shard_locked_by_a_live_run(tmp_path: Path) -> None:
+    import fcntl
+
+    manifest = _big(tmp_path, rows=1000)
+    out = tmp_path / "out"
+    prepare_job(BatchConfig(manifest=str(manifest), out=str(out), shard_size=100),
+                overwrite=False, echo=lambda _: None)  # fmt: skip
+    lock = out / ".gen" / "locks" / "shard-00001.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"run_id": "r1", "pid": 4242, "host": "node7"}))
+    free = _cli("batch", str(manifest), "--out", str(out), "--dry-run", "--shard-size", "100")
+    assert "same job: a real run resumes it" in free.stdout and "locked" not in free.stdout  # stale
+    with lock.open() as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a live run holds shard 1
+        held = _cli("batch", str(manifest), "--out", str(out), "--dry-run", "--shard-size", "100")
+    assert held.returncode == 0, held.stderr
+    assert ("1 shard(s) to run are locked by a live run (e.g. shard-00001: run r1, pid 4242 on node7): "
+            "a real run would refuse") in held.stdout  # fmt: skip
