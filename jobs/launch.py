@@ -243,7 +243,8 @@ def new_run_id() -> str:
 
 def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
                shard_indices: list[int] | None = None, pin_cpus: bool = True,
-               echo: Callable[[str], None] = print, locks: ShardLocks | None = None) -> None:  # fmt: skip
+               echo: Callable[[str], None] = print, locks: ShardLocks | None = None,
+               lock_wait_s: float = 0.0) -> None:  # fmt: skip
     """Run ``gpus`` ranks over the shards (None: all) on this node, under ``out.scope``.
 
     The run first takes the write lock of every unfinished shard it covers (jobs.lock): a shard

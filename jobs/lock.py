@@ -81,14 +81,26 @@ class ShardLocks:
         """Descriptors of the held locks (for ``subprocess``'s pass_fds)."""
         return list(self._held.values())
 
-    def acquire(self, shards: Iterable[Shard]) -> None:
+    def acquire(self, shards: Iterable[Shard], wait_s: float = 0.0) -> None:
         """Lock every shard, or none.
 
+        Args:
+            shards: the shards.
+            wait_s: keep trying this long (seconds) while another run holds some of them: a
+                requeued SLURM task whose previous attempt is still exiting.
         Raises:
             JobError: another live run holds some of them; the message names them and the
                 holder (pid, host, run, scope, since when).
         """
-        self.acquire_names(s.name for s in shards)
+        names = [s.name for s in shards]
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.acquire_names(names)
+            except JobError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
 
     def acquire_existing(self) -> None:
         """Lock every shard that has a lock file (before replacing the whole job).

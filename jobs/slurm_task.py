@@ -51,8 +51,9 @@ class ShardTask:
         cores, bound = _task_cores()
         threads = threads_per_rank(self.gpus, cores, os.environ.get("OMP_NUM_THREADS"))
         attempt = self._record_attempt(out, threads)
+        # A requeued attempt may start while the previous one is still exiting: wait for its locks.
         run_shards(out, new_run_id(), gpus=self.gpus, threads=threads,
-                   shard_indices=list(self.shard_indices), pin_cpus=bound)  # fmt: skip
+                   shard_indices=list(self.shard_indices), pin_cpus=bound, lock_wait_s=120.0)  # fmt: skip
         attempt["finished_at"] = time.time()
         self._save(out, attempt)
         return attempt
