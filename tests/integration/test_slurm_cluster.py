@@ -188,7 +188,9 @@ def test_status_before_during_after_and_resubmit(m12: Path, tmp_path: Path) -> N
 )
 def test_interrupted_task_is_requeued_and_loses_nothing(m12: Path, tmp_path: Path, how: str, gpus: str) -> None:
     out = tmp_path / "out"
-    opts = ["--steps", "60", "--batch-size", "1", "--shard-size", "12", "--gpus", gpus]
+    # Long enough that the task cannot finish within SLURM's KillWait after the requeue (it
+    # ignores the SIGTERM, as submitit does, and would otherwise complete as attempt 0).
+    opts = ["--steps", "200", "--batch-size", "1", "--shard-size", "12", "--gpus", gpus]
     follower = subprocess.Popen([shutil.which("gen"), "batch", str(m12), "--out", str(out), *opts,
                                  "--slurm", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env={**os.environ, **ENV})  # fmt: skip
