@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError
+from jobs.lock import live_holders
 from jobs.manifest import Manifest, open_manifest
 from jobs.plan import Shard
 from jobs.slurm import SlurmOptions
@@ -106,35 +107,6 @@ def _images_per_shard(manifest: Manifest, shard_size: int, num_shards: int,
     return per_shard.tolist()
 
 
-def _live_locks(out: OutputDir, shard_indices: set[int]) -> list[dict[str, Any]]:
-    """Holders of the write locks (jobs.lock) that a live run holds on any of ``shard_indices``.
-
-    Probes each lock file with a non-blocking shared flock on a read-only descriptor, released at
-    once: nothing is written, and a lock left by a killed run (free) is not reported.
-    """
-    import fcntl
-    import os
-
-    from jobs.lock import read_holder
-
-    live = []
-    for path in sorted((out.root / ".gen" / "locks").glob("shard-*.lock")):
-        stem = path.name.removesuffix(".lock")
-        if not stem[6:].isdigit() or int(stem[6:]) not in shard_indices:
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            live.append({"shard": stem, **(read_holder(path) or {})})
-        finally:
-            os.close(fd)  # closing releases a lock we got
-    return live
-
-
 def _model(config: BatchConfig) -> str:
     from pipeline.loading import resolve_model
 
@@ -206,7 +178,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
                 reopened[i] = errors
         done -= set(reopened)
     todo = [i for i in range(num_shards) if i not in done and i not in held]
-    locked = _live_locks(out, set(todo)) if same else []
+    locked = live_holders(out.root, [Shard(i, 0, 0).name for i in todo]) if same else []
     if locked:
         first = locked[0]
         out_state += (f"; {len(locked)} shard(s) to run are locked by a live run (e.g. {first['shard']}: "

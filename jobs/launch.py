@@ -21,7 +21,7 @@ from jobs.config import BatchConfig
 from jobs.errors import JobError
 from jobs.lock import ShardLocks
 from jobs.manifest import Manifest, open_manifest, total_images
-from jobs.plan import Shard, plan_shards
+from jobs.plan import Shard, plan_shards, shard_at
 from jobs.progress import ProgressMonitor
 from jobs.store import OutputDir, write_json
 from jobs.summary import build_summary
@@ -261,9 +261,11 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
         RunFailed: a rank failed; the message is the root cause among the ranks' reports.
     """
     job = json.loads(out.job_json.read_text())
-    shards = plan_shards(job["manifest"]["num_rows"], job["config"]["shard_size"])
-    if shard_indices is not None:
-        shards = [shards[i] for i in sorted(set(shard_indices))]
+    num_rows, shard_size = job["manifest"]["num_rows"], job["config"]["shard_size"]
+    if shard_indices is None:
+        shards = plan_shards(num_rows, shard_size)
+    else:  # a SLURM task: only its own shards of a plan that may hold millions
+        shards = [shard_at(num_rows, shard_size, i) for i in sorted(set(shard_indices))]
     with contextlib.ExitStack() as stack:
         if locks is None:
             locks = stack.enter_context(ShardLocks(out.root, run_id, out.scope))

@@ -196,6 +196,29 @@ class ShardLocks:
         self.release()
 
 
+def live_holders(root: Path, names: Iterable[str]) -> list[dict[str, Any]]:
+    """Holders of the locks that a live run holds on shards ``names`` ("shard-00042"), each
+    with its ``shard``; for a dry run, which must write nothing.
+
+    Probes each lock file with a non-blocking shared flock on a read-only descriptor, released
+    at once: a lock left by a killed run (free) is not reported.
+    """
+    live = []
+    for name in names:
+        path = lock_path(root, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            live.append({"shard": name, **(read_holder(path) or {})})
+        finally:
+            os.close(fd)  # closing releases a lock we got
+    return live
+
+
 def check_owner(root: Path, shard_name: str, run_id: str) -> None:
     """Raise unless shard ``shard_name``'s lock names ``run_id`` (called by ranks before a flush).
 

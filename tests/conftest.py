@@ -35,6 +35,14 @@ def parti_prompts(n: int) -> list[dict[str, str]]:
     return rows[:n]
 
 
+def parti_manifest(path: Path, n: int) -> Path:
+    """The first n PartiPrompts as a parquet manifest (prompt, category) at ``path``."""
+    rows = parti_prompts(n)
+    pq.write_table(pa.table({"prompt": [r["Prompt"] for r in rows],
+                             "category": [r["Category"] for r in rows]}), path)  # fmt: skip
+    return path
+
+
 @pytest.fixture(scope="session")
 def parti64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 PartiPrompts as a parquet manifest with passthrough columns, row groups of 16."""

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import parti_prompts, run_gen
+from tests.conftest import parti_manifest, run_gen
 
 ENV = {"OMP_NUM_THREADS": "1"}
 ARGS = ["--steps", "2", "--shard-size", "4", "--batch-size", "2"]
@@ -29,11 +29,7 @@ TIMING = {"denoise_s", "step_s"}
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = parti_prompts(12)
-    path = tmp_path_factory.mktemp("lost") / "m.parquet"
-    pq.write_table(pa.table({"prompt": [r["Prompt"] for r in rows],
-                             "category": [r["Category"] for r in rows]}), path)  # fmt: skip
-    return path
+    return parti_manifest(tmp_path_factory.mktemp("lost") / "m.parquet", 12)
 
 
 @pytest.fixture(scope="module")

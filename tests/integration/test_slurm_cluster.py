@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, parti_prompts, run_gen
+from tests.conftest import REPO, parti_manifest, run_gen
 
 ENV = {"OMP_NUM_THREADS": "1"}  # same threads per rank locally and in tasks: same bytes
 
@@ -44,11 +44,7 @@ def slurm_cluster() -> None:
 
 @pytest.fixture(scope="module")
 def m12(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = parti_prompts(12)
-    path = tmp_path_factory.mktemp("slurm") / "m.parquet"
-    pq.write_table(pa.table({"prompt": [r["Prompt"] for r in rows],
-                             "category": [r["Category"] for r in rows]}), path)  # fmt: skip
-    return path
+    return parti_manifest(tmp_path_factory.mktemp("slurm") / "m.parquet", 12)
 
 
 def gen_ok(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
