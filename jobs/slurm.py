@@ -231,6 +231,24 @@ def queue_states(out: OutputDir) -> dict[str, str] | None:
     return states
 
 
+def ended_state(job_id: str) -> str | None:
+    """How a task that left the queue ended, from ``scontrol show job`` (finished jobs stay there
+    for MinJobAge, 300 s by default): e.g. ``"FAILED (exit 1:0, reason NonZeroExitCode)"``.
+    None when SLURM no longer knows the job or cannot be asked."""
+    try:
+        proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                              text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fields = dict(re.findall(r"(JobState|Reason|ExitCode)=(\S+)", proc.stdout))
+    if proc.returncode != 0 or "JobState" not in fields:
+        return None
+    details = [f"exit {fields['ExitCode']}"] if "ExitCode" in fields else []
+    if fields.get("Reason", "None") != "None":
+        details.append(f"reason {fields['Reason']}")
+    return f"{fields['JobState']} ({', '.join(details)})" if details else fields["JobState"]
+
+
 def count_states(states: dict[str, str]) -> tuple[int, int]:
     """(pending, running) among queue states."""
     pending = sum(1 for s in states.values() if s in _PENDING or s.startswith("REQUEUE"))

@@ -17,6 +17,7 @@ from jobs.slurm import (
     SlurmOptions,
     active_shards,
     describe_submission,
+    ended_state,
     group_shards,
     queue_states,
     read_submissions,
@@ -146,6 +147,8 @@ def _unfinished_message(out: OutputDir, remaining: list[int], job_ids: list[str]
 
     errors = last_errors(out, limit=1)
     cause = f"; last error: {errors[0]}" if errors else ""
+    ended = [f"{j} {state}" for j in job_ids[:3] if (state := ended_state(j))]
+    slurm = f"; SLURM: {', '.join(ended)}" if ended else ""
     return (f"{len(remaining)} shard(s) unfinished and no task of this job is queued "
-            f"(tasks {', '.join(job_ids) or '?'}){cause}. Logs: {out.root / 'slurm'}/. Finished "
+            f"(tasks {', '.join(job_ids) or '?'}){slurm}{cause}. Logs: {out.root / 'slurm'}/. Finished "
             "shards and flushed samples are kept: re-run the same command to resume.")  # fmt: skip

@@ -74,10 +74,12 @@ def queue_state(job_id: str) -> str:
     return proc.stdout.strip()
 
 
-def release_requeued(job_id: str) -> None:
-    """A requeued job waits for its credential to expire; start it now (once it is PENDING)."""
+def wait_requeued(job_id: str) -> None:
+    """Wait until the requeued job is PENDING again. It then waits out its credential
+    (cred_expire + 1 = 11 s on the test cluster). Forcing ``StartTime=now`` races slurmd's
+    credential revocation: the relaunch can be killed at once ("Killing non-startable batch
+    JobId=N: Job credential revoked") and the job leaves the queue for good."""
     wait_for(lambda: queue_state(job_id) == "PENDING", 60, f"{job_id} to be PENDING again")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
 def flushed_parts(out: Path) -> int:
@@ -198,7 +200,7 @@ def test_interrupted_task_is_requeued_and_loses_nothing(m12: Path, tmp_path: Pat
             subprocess.run(["scontrol", "requeue", job_id], check=True)
         else:  # preemption: submitit checkpoints on USR2 and requeues itself
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        release_requeued(job_id)
+        wait_requeued(job_id)
         stdout, stderr = follower.communicate(timeout=300)
     finally:
         follower.kill()
@@ -227,6 +229,7 @@ def test_failed_tasks_end_wait_with_a_clear_message_and_resume(m12: Path, tmp_pa
     proc = run_gen(*cmd, "--slurm-setup", "echo module not found >&2; exit 3", env=ENV, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "3 shard(s) unfinished and no task of this job is queued" in proc.stderr
+    assert re.search(r"SLURM: \d+_0 FAILED \(exit 3:0, reason NonZeroExitCode\)", proc.stderr), proc.stderr
     assert "re-run the same command to resume" in proc.stderr and "Traceback" not in proc.stderr
     failed = status(out)
     assert (failed["shards_done"], failed["tasks"]["pending"], failed["tasks"]["running"]) == (0, 0, 0)
