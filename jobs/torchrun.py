@@ -8,10 +8,13 @@ torchrun itself (``torch.distributed.run``), with two differences for a job runn
 - A failed rank ends it with a report instead of torchrun's traceback: none at all when the
   root cause is a job error the ranks have already explained (worker exit status 2, which this
   module exits with too), else torchrun's failure table (rank, exit code, signal), exit 1.
+  torchrun's own log lines about it ("failed (exitcode: N) ...", "Sending process P closing
+  signal SIGTERM") are dropped: the table, or the job error, says the same.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -35,12 +38,18 @@ JOB_ERROR_EXIT = 2
 """A rank's exit status for a job error it has reported (jobs.worker)."""
 
 
+def _quiet_failure_logs(record: logging.LogRecord) -> bool:
+    """Logging filter: False for torchrun's per-failure lines (see the module docstring)."""
+    return not str(record.msg).startswith(("failed (exitcode:", "Sending process"))
+
+
 def main() -> None:
     """Entry point; see the module docstring."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     die_with_parent(int(sys.argv[1]))
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet_failure_logs)
     try:
         run(parse_args(sys.argv[2:]))
     except ChildFailedError as exc:

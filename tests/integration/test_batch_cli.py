@@ -202,4 +202,5 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "closing signal" not in proc.stderr and "exitcode" not in proc.stderr  # torchrun's lines
     assert not (tmp_path / "o" / "samples").exists()
