@@ -147,8 +147,22 @@ def _unfinished_message(out: OutputDir, remaining: list[int], job_ids: list[str]
 
     errors = last_errors(out, limit=1)
     cause = f"; last error: {errors[0]}" if errors else ""
-    ended = [f"{j} {state}" for j in job_ids[:3] if (state := ended_state(j))]
-    slurm = f"; SLURM: {', '.join(ended)}" if ended else ""
     return (f"{len(remaining)} shard(s) unfinished and no task of this job is queued "
-            f"(tasks {', '.join(job_ids) or '?'}){slurm}{cause}. Logs: {out.root / 'slurm'}/. Finished "
+            f"({_how_tasks_ended(job_ids)}){cause}. Logs: {out.root / 'slurm'}/. Finished "
             "shards and flushed samples are kept: re-run the same command to resume.")  # fmt: skip
+
+
+def _how_tasks_ended(job_ids: list[str], ask: int = 10) -> str:
+    """``tasks 7_0, 7_1: FAILED (exit 3:0, reason NonZeroExitCode)``: the tasks grouped by how
+    SLURM says they ended (the first ``ask`` of them; the rest, or those SLURM forgot, plainly)."""
+    if not job_ids:
+        return "tasks ?"
+    by_state: dict[str | None, list[str]] = {}
+    for i, job_id in enumerate(job_ids):
+        by_state.setdefault(ended_state(job_id) if i < ask else None, []).append(job_id)
+    unknown = by_state.pop(None, [])
+    groups = [f"{', '.join(ids)}: {state}" for state, ids in by_state.items()]
+    if unknown:
+        more = f" and {len(unknown) - ask} more" if len(unknown) > ask else ""
+        groups.append(", ".join(unknown[:ask]) + more)
+    return "tasks " + "; ".join(groups)

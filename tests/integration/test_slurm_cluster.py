@@ -229,7 +229,7 @@ def test_failed_tasks_end_wait_with_a_clear_message_and_resume(m12: Path, tmp_pa
     proc = run_gen(*cmd, "--slurm-setup", "echo module not found >&2; exit 3", env=ENV, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "3 shard(s) unfinished and no task of this job is queued" in proc.stderr
-    assert re.search(r"SLURM: \d+_0 FAILED \(exit 3:0, reason NonZeroExitCode\)", proc.stderr), proc.stderr
+    assert re.search(r"\(tasks (\d+)_0, \1_1, \1_2: FAILED \(exit 3:0, reason NonZeroExitCode\)\)\. Logs", proc.stderr), proc.stderr
     assert "re-run the same command to resume" in proc.stderr and "Traceback" not in proc.stderr
     failed = status(out)
     assert (failed["shards_done"], failed["tasks"]["pending"], failed["tasks"]["running"]) == (0, 0, 0)

@@ -150,3 +150,19 @@ def test_status_of_a_directory_without_a_job(tmp_path: Path) -> None:
     proc = run_gen("status", str(tmp_path))
     assert proc.returncode == 2
     assert "not a gen output directory (no job.json)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_how_tasks_ended_groups_tasks_by_their_slurm_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.slurm_launch as launch
+
+    states = {"7_0": "FAILED (exit 3:0, reason NonZeroExitCode)", "7_1": "TIMEOUT (exit 0:15)",
+              "7_2": "FAILED (exit 3:0, reason NonZeroExitCode)"}  # fmt: skip
+    asked: list[str] = []
+    monkeypatch.setattr(launch, "ended_state", lambda j: asked.append(j) or states.get(j))
+    assert launch._how_tasks_ended(["7_0", "7_1", "7_2", "7_3"]) == (
+        "tasks 7_0, 7_2: FAILED (exit 3:0, reason NonZeroExitCode); 7_1: TIMEOUT (exit 0:15); 7_3")
+    ids = [f"9_{i}" for i in range(25)]
+    asked.clear()
+    assert launch._how_tasks_ended(ids, ask=10) == "tasks " + ", ".join(ids[:10]) + " and 15 more"
+    assert asked == ids[:10]  # SLURM is asked about the first 10 only
+    assert launch._how_tasks_ended([]) == "tasks ?"
