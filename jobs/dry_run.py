@@ -21,7 +21,7 @@ from jobs.config import BatchConfig
 from jobs.errors import JobError
 from jobs.lock import live_holders
 from jobs.manifest import Manifest, open_manifest
-from jobs.plan import Shard
+from jobs.plan import Shard, num_shards
 from jobs.slurm import SlurmOptions
 from jobs.store import OutputDir
 
@@ -161,7 +161,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
     manifest = open_manifest(config.manifest)
     out = OutputDir(config.out)
     shard_size = config.shard_size or 1
-    num_shards = math.ceil(manifest.num_rows / shard_size)
+    shard_count = num_shards(manifest.num_rows, shard_size)
     out_state, refused = _out_state(config, manifest, out, overwrite=overwrite)
     same = out_state.startswith("same")
     done = _done_indices(out) if same else set()
@@ -177,7 +177,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
             if errors:
                 reopened[i] = errors
         done -= set(reopened)
-    todo = [i for i in range(num_shards) if i not in done and i not in held]
+    todo = [i for i in range(shard_count) if i not in done and i not in held]
     locked = live_holders(out.root, [Shard(i, 0, 0).name for i in todo]) if same else []
     if locked:
         first = locked[0]
@@ -189,7 +189,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
     def rows(i: int) -> int:
         return min(shard_size, manifest.num_rows - i * shard_size)
 
-    per_shard = _images_per_shard(manifest, shard_size, num_shards, config.images_per_prompt)
+    per_shard = _images_per_shard(manifest, shard_size, shard_count, config.images_per_prompt)
     fresh = [i for i in todo if i not in reopened]
     images = sum(per_shard[i] for i in fresh) if per_shard else sum(rows(i) for i in fresh) * config.images_per_prompt
     images += sum(reopened.values())
@@ -221,7 +221,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
         max_row_group_rows=max(sizes),
         model=_model(config),
         shard_size=shard_size,
-        num_shards=num_shards,
+        num_shards=shard_count,
         shards_done=len(done),
         shards_held=len(held),
         shards_to_run=len(todo),

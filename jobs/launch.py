@@ -21,7 +21,7 @@ from jobs.config import BatchConfig
 from jobs.errors import JobError
 from jobs.lock import ShardLocks
 from jobs.manifest import Manifest, open_manifest, total_images
-from jobs.plan import Shard, plan_shards, shard_at
+from jobs.plan import Shard, num_shards, plan_shards, select_shards
 from jobs.progress import ProgressMonitor
 from jobs.store import OutputDir, write_json
 from jobs.summary import build_summary
@@ -56,7 +56,7 @@ def _job_record(config: BatchConfig, manifest: Manifest, model: ModelRef, thread
             "num_rows": manifest.num_rows,
             "fingerprint": manifest.fingerprint,
         },
-        "num_shards": len(plan_shards(manifest.num_rows, config.shard_size or 1)),
+        "num_shards": num_shards(manifest.num_rows, config.shard_size or 1),
         "layout": _layout(config),
         "versions": _versions(),
     }
@@ -200,10 +200,11 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
     out = job.out
     run_id = new_run_id()
     with ShardLocks(out.root, run_id, out.scope) as locks:
-        locks.acquire(job.pending + (job.with_errors if retry_errors else []))
+        pending, errored = job.pending, (job.with_errors if retry_errors else [])
+        locks.acquire(pending + errored)
         if retry_errors:
-            reopen_errors(job, job.with_errors + job.pending, echo)
-        pending = job.pending
+            reopen_errors(job, errored + pending, echo)
+            pending = job.pending  # now with the reopened shards
         echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of "
              f"{config.shard_size} rows; {len(pending)} to run; out: {out.root}")  # fmt: skip
         shutil.rmtree(out.runs, ignore_errors=True)
@@ -262,21 +263,19 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
     """
     job = json.loads(out.job_json.read_text())
     num_rows, shard_size = job["manifest"]["num_rows"], job["config"]["shard_size"]
-    if shard_indices is None:
-        shards = plan_shards(num_rows, shard_size)
-    else:  # a SLURM task: only its own shards of a plan that may hold millions
-        shards = [shard_at(num_rows, shard_size, i) for i in sorted(set(shard_indices))]
+    shards = select_shards(num_rows, shard_size, shard_indices)
     with contextlib.ExitStack() as stack:
         if locks is None:
             locks = stack.enter_context(ShardLocks(out.root, run_id, out.scope))
-        locks.acquire(s for s in shards if not out.is_done(s))
+        unfinished = [s for s in shards if not out.is_done(s)]
+        locks.acquire(unfinished)
         # A run killed after a commit leaves the shard's lock file, and maybe its parts.
-        locks.sweep((s.name for s in shards if out.is_done(s)),
+        locks.sweep((s.name for s in shards if s not in unfinished),
                     lambda name: shutil.rmtree(out.root / ".gen" / "shards" / name, ignore_errors=True))  # fmt: skip
         for stale in locks.stale:
             echo(stale.describe())
-        for shard in shards:
-            if not out.is_done(shard) and out.clear_stale_commit(shard):
+        for shard in unfinished:
+            if out.clear_stale_commit(shard):
                 echo(f"{shard.name}: removed the commit lock of a run killed while committing")
         _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
                    pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip

@@ -67,6 +67,18 @@ def shard_at(num_rows: int, shard_size: int, index: int) -> Shard:
     return Shard(index, start, min(start + shard_size, num_rows))
 
 
+def select_shards(num_rows: int, shard_size: int, indices: Sequence[int] | None) -> list[Shard]:
+    """Shards ``indices`` of the plan (sorted, once each), or the whole plan for None. Only the
+    selected shards are built: a SLURM task holds a few of a plan that may have millions.
+
+    Raises:
+        IndexError: an index outside [0, num_shards).
+    """
+    if indices is None:
+        return plan_shards(num_rows, shard_size)
+    return [shard_at(num_rows, shard_size, i) for i in sorted(set(indices))]
+
+
 def micro_batches(samples: Sequence[PlannedSample], batch_size: int) -> list[list[PlannedSample]]:
     """Group samples into micro-batches.
 

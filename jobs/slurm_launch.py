@@ -68,13 +68,14 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
     queued = active_shards(out, states)
     with ShardLocks(out.root, new_run_id(), "submit") as probe:
         # A shard that a live local run (or a running task) writes is refused here, not in a task.
-        probe.acquire(s for s in job.pending if s.index not in queued)
+        unqueued = [s for s in job.pending if s.index not in queued]
+        errored = [s for s in job.with_errors if s.index not in queued] if retry_errors else []
+        probe.acquire(unqueued + errored)
         if retry_errors:
-            errored = [s for s in job.with_errors if s.index not in queued]
-            probe.acquire(errored)
-            reopen_errors(job, errored + [s for s in job.pending if s.index not in queued], echo)
-    held = queued & {s.index for s in job.pending}
-    todo = [s.index for s in job.pending if s.index not in held]
+            reopen_errors(job, errored + unqueued, echo)
+    pending = job.pending  # with the reopened shards
+    held = queued & {s.index for s in pending}
+    todo = [s.index for s in pending if s.index not in held]
     tasks = group_shards(todo, options.shards_per_task)
     echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of {config.shard_size} "
          f"rows; {len(job.shards) - len(job.pending)} done, {len(held)} held by queued tasks, "

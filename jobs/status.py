@@ -7,6 +7,7 @@ it, and on a machine where SLURM is gone.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -104,10 +105,7 @@ def last_errors(out: OutputDir, limit: int = 5) -> list[str]:
     messages = [m for _, m in sorted(found, reverse=True)]
     rows: list[str] = []
     for path in sorted((out.root / "samples").glob("shard-*.parquet"), reverse=True):
-        table = pq.read_table(path, columns=["row_index", "status", "error"])
-        table = table.filter(pc.equal(table.column("status"), "error"))
-        for row, error in reversed(list(zip(*(table.column(c).to_pylist() for c in ("row_index", "error"))))):
-            rows.append(f"row {row}: {error}")
+        rows += [f"row {r['row_index']}: {r['error']}" for r in reversed(_error_rows(path))]
         if len(rows) >= limit:
             break
     return (messages + rows)[:limit]
@@ -118,12 +116,16 @@ def error_rows(out_dir: str, limit: int = 3) -> list[str]:
     ``row R (sample_id): error``."""
     rows: list[str] = []
     for path in sorted((OutputDir(out_dir).root / "samples").glob("shard-*.parquet")):
-        table = pq.read_table(path, columns=["sample_id", "row_index", "status", "error"])
-        table = table.filter(pc.equal(table.column("status"), "error"))
-        rows += [f"row {r['row_index']} ({r['sample_id']}): {r['error']}" for r in table.to_pylist()]
+        rows += [f"row {r['row_index']} ({r['sample_id']}): {r['error']}" for r in _error_rows(path)]
         if len(rows) >= limit:
             break
     return rows[:limit]
+
+
+def _error_rows(path: Path) -> list[dict[str, Any]]:
+    """The error rows of a shard's samples file, in order: {sample_id, row_index, error}."""
+    table = pq.read_table(path, columns=["sample_id", "row_index", "status", "error"])
+    return table.filter(pc.equal(table.column("status"), "error")).drop_columns(["status"]).to_pylist()
 
 
 def _task_error(path) -> str | None:  # noqa: ANN001

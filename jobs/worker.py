@@ -26,7 +26,7 @@ from jobs.failpoints import failpoint
 from jobs.lock import check_owner
 from jobs.manifest import open_manifest, read_rows
 from jobs.memory import peak_rss_bytes
-from jobs.plan import deal, micro_batches, plan_shards, shard_at
+from jobs.plan import deal, micro_batches, select_shards
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
 from jobs.schema import samples_schema, samples_table, steps_table
 from jobs.store import OutputDir, write_json
@@ -150,10 +150,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     schema = samples_schema(manifest.schema, family.output_kind)
     progress = ProgressFile(out, rank)
     progress.add(0, force=True)  # loaded: the launcher starts its bar
-    if shard_indices is None:
-        shards = plan_shards(manifest.num_rows, config.shard_size)
-    else:  # only this task's shards: the plan may hold millions
-        shards = [shard_at(manifest.num_rows, config.shard_size, i) for i in sorted(set(shard_indices))]
+    shards = select_shards(manifest.num_rows, config.shard_size, shard_indices)
     for shard in shards:
         if out.is_done(shard):
             continue
