@@ -255,6 +255,8 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
     port, so two runs on one node do not collide), which holds the locks with this process and
     is killed by the kernel if this process dies (and its ranks with it). ``locks``: locks the
     caller already holds for this run (taken here when None, and released on return).
+    ``lock_wait_s``: how long to keep trying while another run holds some of the locks (a
+    requeued SLURM attempt whose previous attempt is still exiting); 0 refuses at once.
 
     Raises:
         JobError: the job cannot run (a shard is locked by another run; a rank found the job
@@ -268,7 +270,7 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
         if locks is None:
             locks = stack.enter_context(ShardLocks(out.root, run_id, out.scope))
         unfinished = [s for s in shards if not out.is_done(s)]
-        locks.acquire(unfinished)
+        locks.acquire(unfinished, wait_s=lock_wait_s)
         # A run killed after a commit leaves the shard's lock file, and maybe its parts.
         locks.sweep((s.name for s in shards if s not in unfinished),
                     lambda name: shutil.rmtree(out.root / ".gen" / "shards" / name, ignore_errors=True))  # fmt: skip

@@ -113,3 +113,28 @@ def test_acquire_existing_probes_every_lock_file(tmp_path: Path) -> None:
     with ShardLocks(tmp_path, "probe", "overwrite") as probe:
         probe.acquire_existing()
         assert [s.shard for s in probe.stale] == ["shard-00007"]
+
+
+def test_run_shards_waits_lock_wait_s_for_a_previous_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requeued SLURM attempt may start while the previous one still exits and holds its locks."""
+    import jobs.launch as launch
+    from jobs.store import OutputDir, write_json
+
+    out = OutputDir(tmp_path, "task-00000")
+    write_json(out.job_json, {"manifest": {"num_rows": 8}, "config": {"shard_size": 4}})
+    ran: list[list[int] | None] = []
+    monkeypatch.setattr(launch, "_run_ranks", lambda *a, **k: ran.append(k["shard_indices"]))
+    brief = _HOLD.replace("time.sleep(600)", "time.sleep(3)")
+    proc = subprocess.Popen([sys.executable, "-c", brief, str(tmp_path)], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(JobError, match="run-killed"):
+            launch.run_shards(out, "attempt-0", gpus=1, threads=1, shard_indices=[0])
+        start = time.monotonic()
+        launch.run_shards(out, "attempt-1", gpus=1, threads=1, shard_indices=[0], lock_wait_s=60)
+        assert time.monotonic() - start < 30
+    finally:
+        proc.kill()
+        proc.wait()
+    assert ran == [[0]]  # ranks ran once, after the holder let go
