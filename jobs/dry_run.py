@@ -123,19 +123,13 @@ def _model(config: BatchConfig) -> str:
 
 
 def _out_state(config: BatchConfig, manifest: Manifest, out: OutputDir, *, overwrite: bool) -> tuple[str, bool]:
-    import json
+    from jobs.launch import job_differences
 
     if overwrite and out.root.exists():
         return "would be cleared (--overwrite)", False
     if not out.job_json.exists():
         return "new", False
-    old = json.loads(out.job_json.read_text())
-    diffs = []
-    if old["manifest"]["fingerprint"] != manifest.fingerprint:
-        diffs.append("the manifest's contents")
-    old_opts = BatchConfig.from_dict(old["config"]).generation_options()
-    diffs += [f"{k} ({old_opts.get(k)!r} -> {v!r})" for k, v in config.generation_options().items()
-              if old_opts.get(k) != v]  # fmt: skip
+    diffs = job_differences(out, manifest.fingerprint, config)
     if diffs:
         return f"holds a different job ({', '.join(diffs)} differ): a real run would refuse without --overwrite", True
     return "same job: a real run resumes it", False

@@ -74,17 +74,25 @@ def _layout(config: BatchConfig) -> dict[str, Any]:
     }
 
 
-def _check_same_job(out: OutputDir, record: dict[str, Any], config: BatchConfig) -> None:
+def job_differences(out: OutputDir, fingerprint: str, config: BatchConfig) -> list[str]:
+    """How this job differs from the one OUT/job.json records: "the manifest's contents" (by
+    ``fingerprint``) and each generation option as "name (old -> new)"; [] when OUT holds no
+    job or the same one (it resumes)."""
     if not out.job_json.exists():
-        return
+        return []
     old = json.loads(out.job_json.read_text())
     diffs = []
-    if old["manifest"]["fingerprint"] != record["manifest"]["fingerprint"]:
+    if old["manifest"]["fingerprint"] != fingerprint:
         diffs.append("the manifest's contents")
     old_opts = BatchConfig.from_dict(old["config"]).generation_options()
     for k, v in config.generation_options().items():
         if old_opts.get(k) != v:
             diffs.append(f"{k} ({old_opts.get(k)!r} -> {v!r})")
+    return diffs
+
+
+def _check_same_job(out: OutputDir, record: dict[str, Any], config: BatchConfig) -> None:
+    diffs = job_differences(out, record["manifest"]["fingerprint"], config)
     if diffs:
         raise JobError(
             f"--out {out.root} holds a different job: {', '.join(diffs)} differ; "
