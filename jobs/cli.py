@@ -8,7 +8,7 @@ import click
 
 from jobs import __version__
 from jobs.config import DTYPES, BatchConfig
-from jobs.errors import JobError
+from jobs.errors import JobError, RunFailed
 
 
 class _JobUsageError(click.ClickException):
@@ -62,7 +62,8 @@ def main() -> None:
 def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, fail_on_error: bool,
           dry_run: bool, **options: object) -> None:  # fmt: skip
     """Generate images for every row of a parquet MANIFEST (column `prompt`)."""
-    from jobs.launch import RunFailed, default_out_dir, run_batch
+    from jobs.job import default_out_dir
+    from jobs.local.launch import run_batch
 
     launch_wall = time.time()
     slurm_args = {k: options.pop(k) for k in _SLURM_OPTIONS}
@@ -78,7 +79,7 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
                 click.echo(line)
             return
         if slurm is not None:
-            from jobs.slurm_launch import submit_batch
+            from jobs.slurm.submit import submit_batch
 
             summary = submit_batch(config, slurm, launch_wall=launch_wall, overwrite=overwrite,
                                    retry_errors=retry_errors, echo=click.echo)  # fmt: skip
@@ -110,7 +111,7 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
         click.echo(f"warnings: {summary['samples_warning']} sample(s) carry a warning (column "
                    "`warning`: a prompt longer than the text encoder takes was truncated)")  # fmt: skip
     if summary["samples_error"]:
-        from jobs.status import error_rows
+        from jobs.output.status import error_rows
 
         click.echo(f"errors: {summary['samples_error']} error row(s) (status \"error\", column "
                    "`error`); re-run with --retry-errors to generate them again; first:")  # fmt: skip
@@ -127,7 +128,7 @@ def status(out: str, as_json: bool) -> None:
     """Where the job in OUT stands: shards, samples, SLURM tasks (squeue), restarts, last errors."""
     import json
 
-    from jobs.status import format_status, job_status
+    from jobs.output.status import format_status, job_status
 
     try:
         found = job_status(out)
@@ -157,8 +158,8 @@ def status(out: str, as_json: bool) -> None:
 @click.option("--work-dir", type=click.Path(), help="Keep the runs' files here [default: a temporary directory].")
 def bench(batch_sizes: str, no_adaptive: bool, cfg_gate_cosine: float, **options: object) -> None:
     """Measure gen against a plain diffusers loop, and the CFG-parallel and gating ratios."""
-    from jobs.bench import BenchConfig, run_bench
-    from jobs.bench_runs import BenchRunFailed
+    from jobs.bench.runs import BenchRunFailed
+    from jobs.bench.suite import BenchConfig, run_bench
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
@@ -182,7 +183,7 @@ _SLURM_DEFAULTS = {"time_limit": "60", "shards_per_task": 1, "slurm_setup": (), 
 
 
 def _slurm_options(args: dict[str, object]):  # noqa: ANN202
-    from jobs.slurm import SlurmOptions, parse_extra
+    from jobs.slurm.params import SlurmOptions, parse_extra
 
     return SlurmOptions(
         partition=args["partition"], time=args["time_limit"], account=args["account"],

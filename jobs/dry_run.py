@@ -11,6 +11,7 @@ directory's done markers; it loads no model, writes no job.json, and starts no r
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,15 @@ import pyarrow.parquet as pq
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError
-from jobs.lock import live_holders
+from jobs.job import job_differences
 from jobs.manifest import Manifest, open_manifest
+from jobs.output.lock import live_holders
+from jobs.output.store import OutputDir
+from jobs.output.submissions import active_shards, queue_states
 from jobs.plan import Shard, num_shards
-from jobs.slurm import SlurmOptions
-from jobs.store import OutputDir
+from jobs.slurm.params import SlurmOptions, group_shards, max_array_size, split_arrays
+from parallel.cpus import available_cores, threads_per_rank
+from pipeline.loading import resolve_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,8 +113,6 @@ def _images_per_shard(manifest: Manifest, shard_size: int, num_shards: int,
 
 
 def _model(config: BatchConfig) -> str:
-    from pipeline.loading import resolve_model
-
     try:
         model = resolve_model(config.model, build=False)
     except ValueError as exc:
@@ -123,8 +126,6 @@ def _model(config: BatchConfig) -> str:
 
 
 def _out_state(config: BatchConfig, manifest: Manifest, out: OutputDir, *, overwrite: bool) -> tuple[str, bool]:
-    from jobs.launch import job_differences
-
     if overwrite and out.root.exists():
         return "would be cleared (--overwrite)", False
     if not out.job_json.exists():
@@ -150,8 +151,6 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
     Raises:
         JobError: bad manifest or model, as a real run would report them.
     """
-    from jobs.slurm import active_shards, group_shards, max_array_size, queue_states, split_arrays
-
     manifest = open_manifest(config.manifest)
     out = OutputDir(config.out)
     shard_size = config.shard_size or 1
@@ -200,10 +199,6 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
                       "arrays": arrays, "gpus_per_node": config.gpus, "time_minutes": slurm.time_minutes,
                       "array_parallelism": slurm.array_parallelism, "partition": slurm.partition}  # fmt: skip
     else:
-        import os
-
-        from parallel.platform import available_cores, threads_per_rank
-
         try:
             threads = threads_per_rank(config.gpus, available_cores(), os.environ.get("OMP_NUM_THREADS"))
         except ValueError as exc:

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from jobs.seeds import SEED_LIMIT, derive_seed, image_seed, sample_id
-from pipeline.generate import SampleRequest
+from pipeline.samples import SampleRequest
 
 
 @dataclass(frozen=True, kw_only=True)

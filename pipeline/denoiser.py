@@ -22,31 +22,9 @@ from diffusers.utils import BaseOutput
 from parallel.branches import Branch, CfgParallelExecutor, SerialBranchExecutor, split_branches
 from pipeline.families import CfgConvention
 from pipeline.gating import CfgGate
+from pipeline.samples import StepRecord
 
 Executor = SerialBranchExecutor | CfgParallelExecutor
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One denoiser step of a micro-batch."""
-
-    step_index: int
-    """0-based position in the scheduler's timesteps."""
-    timestep: float
-    """The scheduler timestep passed to the denoiser."""
-    denoiser: str
-    """Pipeline attribute of the module that ran ("unet", "transformer", "transformer_2")."""
-    uncond: str
-    """"fresh" (computed this step), "reused" (from a cached delta) or "none" (no guidance)."""
-    step_s: float
-    """Wall seconds in the denoiser for this step on this rank: its branch forwards and, under
-    CFG parallelism, the gather of the other ranks' predictions."""
-    branches: tuple[tuple[str, int], ...] = ()
-    """(branch name, CFG-group rank that ran it), in the pipeline's branch order; a branch cut
-    by samples across the group appears once per rank."""
-    unconds: tuple[str, ...] = ()
-    """Per sample of the micro-batch: "fresh", "reused" or "none" (``uncond`` is the
-    sample's own value once results are split per sample)."""
 
 
 @dataclass

@@ -18,62 +18,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from parallel.branches import CfgParallelExecutor, SerialBranchExecutor
 from parallel.cfg_group import CfgGroup, CollectiveError
-from pipeline.denoiser import DenoiserHook, StepRecord
+from pipeline.denoiser import DenoiserHook
 from pipeline.families import family_for
-
-
-@dataclass(frozen=True, kw_only=True)
-class SampleRequest:
-    """One image to generate."""
-
-    sample_id: str
-    prompt: str
-    negative_prompt: str
-    """"" for the plain unconditional embedding."""
-    seed: int
-    """Seed of this image's generator, in [0, 2**63)."""
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    cfg_gate_step: float = 1.0
-    """CFG gating fraction F in [0, 1]: from step int(steps * F) on, uncond is rebuilt from the
-    cached delta (pipeline.gating); 1.0 = off."""
-    num_frames: int | None = None
-    """Video models: frames to generate; None for image models."""
-
-    @property
-    def batch_key(self) -> tuple[int, int, int, float, float, int | None]:
-        """Requests may share a pipeline call only when these are equal."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                self.cfg_gate_step, self.num_frames)  # fmt: skip
-
-
-@dataclass
-class SampleResult:
-    """One generated image, or the error that prevented it."""
-
-    request: SampleRequest
-    image: Any = None
-    """PIL image, or (F, H, W, 3) uint8 frames for video models; None on error, or when
-    another rank of the CFG group decodes it."""
-    error: str | None = None
-    warning: str | None = None
-    """A note on a generated sample, e.g. its prompt was truncated by the text encoder."""
-    steps: list[StepRecord] = field(default_factory=list)
-    invalidations: int = 0
-    """Cached guidance deltas dropped on a denoiser switch (shared by the micro-batch)."""
-    gate_step: int | None = None
-    """First step whose uncond was reused, or None if every uncond was fresh."""
-    denoise_s: float = 0.0
-    """Wall seconds of the micro-batch's denoise stage (shared by its images)."""
+from pipeline.samples import SampleRequest, SampleResult
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Resolve ``--model`` and load it with ``DiffusionPipeline.from_pretrained``."""
+"""Resolve ``--model`` and load it with ``DiffusionPipeline.from_pretrained``.
+
+Resolving is light (no torch, no diffusers: the dry run and the job checks use it); loading
+imports diffusers.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.smoke_models import SMOKE_MODELS, ensure_smoke_model, smoke_model_dir
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded, not where --model is resolved
+    import torch
 
 DEFAULT_MODEL = "tiny-sd"
 

@@ -16,8 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 BUILD_VERSION = 1
 """Bumped whenever a spec below changes, so cached copies are rebuilt."""
 
@@ -140,6 +138,7 @@ def _build(spec: SmokeSpec | WanSpec, out: Path) -> None:
 
 
 def _build_sd(spec: SmokeSpec, out: Path) -> None:
+    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -262,6 +261,7 @@ def _umt5_tokenizer(spec: WanSpec):  # -> transformers.T5Tokenizer
 
 
 def _build_wan(spec: WanSpec, out: Path) -> None:
+    import torch
     from diffusers import (
         AutoencoderKLWan,
         UniPCMultistepScheduler,

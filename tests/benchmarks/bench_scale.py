@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.bench_runs import subprocess_env
+from jobs.bench.runs import subprocess_env
 from jobs.config import BatchConfig
-from jobs.launch import new_run_id, prepare_job
+from jobs.job import new_run_id, prepare_job
 
 MIB = 1 << 20
 
@@ -73,7 +73,7 @@ def worker_rss(manifest: Path, out: Path, shard_size: int) -> dict:
                          batch_size=shard_size, shard_size=shard_size)  # fmt: skip
     prepare_job(config, overwrite=True, echo=lambda _: None)
     env = {**subprocess_env(1), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    wall, rss, _ = measured("jobs.worker", [str(out), new_run_id(), "local", "0"], env)
+    wall, rss, _ = measured("jobs.local.worker", [str(out), new_run_id(), "local", "0"], env)
     stats = json.loads((out / ".gen" / "runs" / "local" / "ranks" / "rank-00000.json").read_text())
     assert stats["samples_ok"] == shard_size, stats
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(rss / MIB, 1),

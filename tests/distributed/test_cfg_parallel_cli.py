@@ -181,7 +181,7 @@ def _rank_pid(out: Path, rank: int) -> int:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"jobs.worker" in cmd and str(out).encode() in cmd and f"RANK={rank}".encode() in env:
+        if b"jobs.local.worker" in cmd and str(out).encode() in cmd and f"RANK={rank}".encode() in env:
             return int(proc.name)
     raise AssertionError(f"no worker process of rank {rank}")
 

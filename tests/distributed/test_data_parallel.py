@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.config import BatchConfig
-from jobs.launch import run_batch
+from jobs.local.launch import run_batch
 
 
 def _run(manifest: Path, out: Path, gpus: int, **kw: object) -> dict:

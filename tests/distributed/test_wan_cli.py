@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.video import mp4_frame_count
+from jobs.output.media import mp4_frame_count
 from tests.conftest import parti_prompts, run_gen
 
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.bench import write_manifest
+from jobs.bench.suite import write_manifest
 from jobs.config import BatchConfig
-from jobs.launch import prepare_job
-from jobs.slurm import max_array_size, split_arrays
+from jobs.job import prepare_job
+from jobs.slurm.params import max_array_size, split_arrays
 from pipeline.loading import resolve_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def test_plain_loop_writes_one_png_per_row(tmp_path: Path) -> None:
     write_manifest(manifest, 3)
     model = resolve_model("tiny-sd")
     result = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "jobs.plain_loop", str(manifest), model.path,
+    proc = subprocess.run([sys.executable, "-m", "jobs.bench.plain_loop", str(manifest), model.path,
                            str(tmp_path / "png"), str(result), "--steps", "2", "--threads", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.bench import BenchConfig, comparisons, plan_runs
-from jobs.bench_report import format_report
-from jobs.bench_stats import Target, best, compare, interleave, paired_ratios, spread
+from jobs.bench.report import format_report
+from jobs.bench.stats import Target, best, compare, interleave, paired_ratios, spread
+from jobs.bench.suite import BenchConfig, comparisons, plan_runs
 from jobs.errors import JobError
 
 
@@ -127,7 +127,7 @@ def test_comparisons_ratios_and_targets() -> None:
 
 
 def test_format_report_lists_runs_comparisons_and_misses() -> None:
-    from jobs.bench import _report
+    from jobs.bench.suite import _report
 
     config = BenchConfig(num_prompts=16)
     figures = _figures(config)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs.errors import JobError
-from jobs.lock import ShardLocks, check_owner, lock_path, read_holder
+from jobs.output.lock import ShardLocks, check_owner, lock_path, read_holder
 from jobs.plan import Shard
 
 SHARDS = [Shard(0, 0, 4), Shard(1, 4, 8)]
@@ -50,7 +50,7 @@ def test_partial_conflict_releases_what_it_took(tmp_path: Path) -> None:
 _HOLD = """
 import sys, time
 from pathlib import Path
-from jobs.lock import ShardLocks
+from jobs.output.lock import ShardLocks
 from jobs.plan import Shard
 locks = ShardLocks(Path(sys.argv[1]), "run-killed", "local")
 locks.acquire([Shard(0, 0, 4), Shard(1, 4, 8)])
@@ -117,8 +117,8 @@ def test_acquire_existing_probes_every_lock_file(tmp_path: Path) -> None:
 
 def test_run_shards_waits_lock_wait_s_for_a_previous_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A requeued SLURM attempt may start while the previous one still exits and holds its locks."""
-    import jobs.launch as launch
-    from jobs.store import OutputDir, write_json
+    import jobs.local.launch as launch
+    from jobs.output.store import OutputDir, write_json
 
     out = OutputDir(tmp_path, "task-00000")
     write_json(out.job_json, {"manifest": {"num_rows": 8}, "config": {"shard_size": 4}})

@@ -1,47 +1,17 @@
-"""Platform rules: devices, dtypes, threads."""
+"""Platform rules: devices, dtypes, backends."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
 
 from parallel import platform as platform_mod
-from parallel.platform import (
-    Platform,
-    available_cores,
-    detect_platform,
-    parse_dtype,
-    threads_per_rank,
-)
+from parallel.platform import Platform, detect_platform, parse_dtype
 
 CPU = Platform(name="cpu", backend="gloo", num_devices=0)
 CUDA2 = Platform(name="cuda", backend="nccl", num_devices=2)
-
-
-@pytest.mark.parametrize(
-    ("ranks", "cores", "omp", "expected"),
-    [
-        (2, 2, None, 1),
-        (1, 2, None, 2),
-        (4, 2, None, 1),
-        (2, 8, "3", 3),
-        (3, 16, None, 5),
-        (1, 1, None, 1),
-        (8, 2, "4", 4),
-    ],
-)
-def test_threads_per_rank(ranks: int, cores: int, omp: str | None, expected: int) -> None:
-    assert threads_per_rank(ranks, cores, omp) == expected
-
-
-@pytest.mark.parametrize("omp", ["x", "0", "-2", "1.5"])
-def test_threads_per_rank_bad_omp(omp: str) -> None:
-    with pytest.raises(ValueError) as info:
-        threads_per_rank(2, 2, omp)
-    assert "OMP_NUM_THREADS" in str(info.value)
 
 
 def test_parse_dtype_defaults() -> None:
@@ -100,25 +70,8 @@ def test_detect_platform_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert detect_platform() == CPU
 
 
-def test_available_cores() -> None:
-    cores = available_cores()
-    assert cores >= 1
-    if hasattr(os, "sched_getaffinity"):
-        assert cores == len(os.sched_getaffinity(0))
-
-
 def test_process_group_backend_keeps_control_on_the_cpu() -> None:
     assert CPU.process_group_backend == "gloo"
     assert CUDA2.process_group_backend == "cpu:gloo,cuda:nccl"
     npu = Platform(name="npu", backend="hccl", num_devices=8)
     assert npu.process_group_backend == "cpu:gloo,npu:hccl"
-
-
-def test_cpu_cores_for_ranks() -> None:
-    from parallel.platform import cpu_cores_for
-
-    allowed = [0, 1, 2, 3, 4, 5]
-    assert cpu_cores_for(0, 2, 3, allowed) == [0, 1, 2]
-    assert cpu_cores_for(1, 2, 3, allowed) == [3, 4, 5]
-    assert cpu_cores_for(1, 3, 2, [4, 5, 8, 9, 10, 11]) == [8, 9]
-    assert cpu_cores_for(0, 2, 4, allowed) is None  # 8 threads do not fit on 6 cores

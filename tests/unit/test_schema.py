@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from jobs.output.schema import IMAGE_TYPE, STEPS_SCHEMA, samples_schema, samples_table, steps_table
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
-from jobs.schema import IMAGE_TYPE, STEPS_SCHEMA, samples_schema, samples_table, steps_table
 from pipeline.denoiser import StepRecord
 from pipeline.generate import SampleRequest, SampleResult
 

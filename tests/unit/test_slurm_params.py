@@ -10,7 +10,7 @@ import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 
 from jobs.errors import JobError
-from jobs.slurm import (
+from jobs.slurm.params import (
     DEFAULT_MAX_ARRAY_SIZE,
     SlurmOptions,
     group_shards,
@@ -20,7 +20,7 @@ from jobs.slurm import (
     sbatch_parameters,
     split_arrays,
 )
-from jobs.slurm_task import ShardTask
+from jobs.slurm.task import ShardTask
 from tests.conftest import run_gen
 
 
@@ -119,7 +119,7 @@ def test_only_a_small_task_is_pickled_by_reference() -> None:
 
     task = ShardTask("/data/run-gen", (7, 8), 8)
     blob = cloudpickle.dumps(DelayedSubmission(task))
-    assert len(blob) < 1024 and b"jobs.slurm_task" in blob and b"ShardTask" in blob
+    assert len(blob) < 1024 and b"jobs.slurm.task" in blob and b"ShardTask" in blob
     assert task.scope == "task-00007"
     again = task.checkpoint()  # submitit's USR2 hook requeues the very same task
     assert isinstance(again, DelayedSubmission) and again.function == task and again.args == ()
@@ -153,16 +153,16 @@ def test_status_of_a_directory_without_a_job(tmp_path: Path) -> None:
 
 
 def test_how_tasks_ended_groups_tasks_by_their_slurm_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    import jobs.slurm_launch as launch
+    import jobs.slurm.wait as wait
 
     states = {"7_0": "FAILED (exit 3:0, reason NonZeroExitCode)", "7_1": "TIMEOUT (exit 0:15)",
               "7_2": "FAILED (exit 3:0, reason NonZeroExitCode)"}  # fmt: skip
     asked: list[str] = []
-    monkeypatch.setattr(launch, "ended_state", lambda j: asked.append(j) or states.get(j))
-    assert launch._how_tasks_ended(["7_0", "7_1", "7_2", "7_3"]) == (
+    monkeypatch.setattr(wait, "ended_state", lambda j: asked.append(j) or states.get(j))
+    assert wait._how_tasks_ended(["7_0", "7_1", "7_2", "7_3"]) == (
         "tasks 7_0, 7_2: FAILED (exit 3:0, reason NonZeroExitCode); 7_1: TIMEOUT (exit 0:15); 7_3")
     ids = [f"9_{i}" for i in range(25)]
     asked.clear()
-    assert launch._how_tasks_ended(ids, ask=10) == "tasks " + ", ".join(ids[:10]) + " and 15 more"
+    assert wait._how_tasks_ended(ids, ask=10) == "tasks " + ", ".join(ids[:10]) + " and 15 more"
     assert asked == ids[:10]  # SLURM is asked about the first 10 only
-    assert launch._how_tasks_ended([]) == "tasks ?"
+    assert wait._how_tasks_ended([]) == "tasks ?"

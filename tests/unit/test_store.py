@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.output.schema import STEPS_SCHEMA
+from jobs.output.store import OutputDir, write_atomic, write_json
 from jobs.plan import Shard
-from jobs.schema import STEPS_SCHEMA
-from jobs.store import OutputDir, write_atomic, write_json
 
 SHARD = Shard(3, 30, 33)
 INFO = {"start_wall": 100.0, "end_wall": 200.0}

@@ -3,7 +3,7 @@ process(es), and the figures it reports.
 
 Both kinds run the same manifest (prompts and explicit seeds) with the same threads per rank.
 `gen batch` runs through ``python -m jobs.cli`` with this checkout's packages on PYTHONPATH,
-so torchrun's ranks (``python -m jobs.worker``) load the same code as the bench.
+so torchrun's ranks (``python -m jobs.local.worker``) load the same code as the bench.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_plain(spec: RunSpec, work: Workload, out: Path) -> dict[str, Any]:
         BenchRunFailed: the process failed.
     """
     result = out / "plain.json"
-    cmd = [sys.executable, "-m", "jobs.plain_loop", work.manifest, work.model_path, str(out / "png"),
+    cmd = [sys.executable, "-m", "jobs.bench.plain_loop", work.manifest, work.model_path, str(out / "png"),
            str(result), "--steps", str(work.num_inference_steps), "--guidance-scale",
            str(work.guidance_scale), "--threads", str(work.threads), "--dtype", work.dtype,
            "--device", work.device,

@@ -1,29 +1,22 @@
-"""SLURM arrays through submitit: sbatch parameters, array splitting, submission and --wait.
+"""sbatch parameters of `gen batch --slurm`: the options, their checks, and how tasks fill arrays.
 
-A `gen batch --slurm` job is the same job as a local one: the submitter plans it and writes
-OUT/job.json, groups the unfinished shards into tasks (``--shards-per-task`` shards each), and
-submits the tasks as SLURM array jobs with submitit, at most MaxArraySize tasks per array. Each
-array task runs ``ShardTask`` (jobs/slurm_task.py): torchrun with ``--gpus`` ranks on its node,
-over its own shards only. Only that small object is pickled; everything else is read from OUT.
-
-    OUT/slurm/submissions.json   every submission: array job ids, tasks and their shards
-    OUT/slurm/JOBID/             submitit's sbatch scripts, pickles and task logs
+A `gen batch --slurm` job is the same job as a local one: the submitter (jobs.slurm.submit) plans
+it and writes OUT/job.json, groups the unfinished shards into tasks (``--shards-per-task`` shards
+each), and submits the tasks as SLURM array jobs with submitit, at most MaxArraySize tasks per
+array. Each array task runs ``ShardTask`` (jobs.slurm.task): torchrun with ``--gpus`` ranks on
+its node, over its own shards only. This module is pure but for one ``scontrol`` call
+(``max_array_size``): the dry run plans arrays with it without importing submitit.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
-import shutil
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from jobs.errors import JobError
-from jobs.store import OutputDir, write_json
 
 DEFAULT_MAX_ARRAY_SIZE = 1001
 """SLURM's default MaxArraySize: array indices are 0 .. MaxArraySize - 1."""
@@ -31,10 +24,6 @@ SIGNAL_DELAY_S = 90
 """submitit sends its USR2 checkpoint signal this many seconds before the time limit."""
 MAX_TIMEOUT_REQUEUES = 20
 """Requeues after a time-out before a task gives up (each requeue resumes, so it makes progress)."""
-
-_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
-            "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING"}  # fmt: skip
-_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
 
 
 @dataclass(frozen=True)
@@ -188,134 +177,3 @@ def split_arrays(num_tasks: int, max_array_size: int) -> list[range]:
     if max_array_size < 1:
         raise ValueError(f"MaxArraySize {max_array_size} < 1")
     return [range(i, min(i + max_array_size, num_tasks)) for i in range(0, num_tasks, max_array_size)]
-
-
-def task_scope(shard_indices: Sequence[int]) -> str:
-    """A task's name, for its per-run files: ``task-NNNNN`` after its first shard."""
-    return f"task-{shard_indices[0]:05d}"
-
-
-# -- the queue -------------------------------------------------------------------------------
-
-
-def read_submissions(out: OutputDir) -> list[dict[str, Any]]:
-    """OUT/slurm/submissions.json, or [] if nothing was submitted."""
-    path = out.root / "slurm" / "submissions.json"
-    return json.loads(path.read_text()) if path.exists() else []
-
-
-def queue_states(out: OutputDir) -> dict[str, str] | None:
-    """SLURM states of this job's array tasks still in the queue: {"123_4": "RUNNING", ...}.
-
-    Pending arrays are expanded (``squeue -r``). Tasks that left the queue are absent.
-    Returns None when squeue is unavailable or fails (SLURM is gone); {} when nothing was
-    submitted.
-    """
-    jobs = {j for s in read_submissions(out) for j in s["array_job_ids"]}
-    if not jobs:
-        return {}
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%F|%T"], capture_output=True,
-                              text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if proc.returncode != 0:
-        return None
-    states = {}
-    for line in proc.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 3 and parts[1] in jobs:
-            states[parts[0]] = parts[2]
-    return states
-
-
-def ended_state(job_id: str) -> str | None:
-    """How a task that left the queue ended, from ``scontrol show job`` (finished jobs stay there
-    for MinJobAge, 300 s by default): e.g. ``"FAILED (exit 1:0, reason NonZeroExitCode)"``.
-    None when SLURM no longer knows the job or cannot be asked."""
-    try:
-        proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                              text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    fields = dict(re.findall(r"(JobState|Reason|ExitCode)=(\S+)", proc.stdout))
-    if proc.returncode != 0 or "JobState" not in fields:
-        return None
-    details = [f"exit {fields['ExitCode']}"] if "ExitCode" in fields else []
-    if fields.get("Reason", "None") != "None":
-        details.append(f"reason {fields['Reason']}")
-    return f"{fields['JobState']} ({', '.join(details)})" if details else fields["JobState"]
-
-
-def count_states(states: dict[str, str]) -> tuple[int, int]:
-    """(pending, running) among queue states."""
-    pending = sum(1 for s in states.values() if s in _PENDING or s.startswith("REQUEUE"))
-    running = sum(1 for s in states.values() if s in _RUNNING)
-    return pending, running
-
-
-def active_shards(out: OutputDir, states: dict[str, str]) -> set[int]:
-    """Shards held by tasks still in the queue (not to be submitted again)."""
-    held: set[int] = set()
-    for submission in read_submissions(out):
-        for task in submission["tasks"]:
-            if task["job_id"] in states:
-                held.update(task["shards"])
-    return held
-
-
-# -- submission ------------------------------------------------------------------------------
-
-
-def submit_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmOptions,
-                 gpus: int) -> dict[str, Any]:  # fmt: skip
-    """Submit ``tasks`` (lists of shard indices) as SLURM arrays; returns the submission record
-    (also appended to OUT/slurm/submissions.json).
-
-    Raises:
-        JobError: sbatch refused the submission (its message is included).
-    """
-    import submitit
-
-    from jobs.slurm_task import ShardTask
-
-    executor = submitit.SlurmExecutor(folder=out.root / "slurm" / "%j",
-                                      max_num_timeout=MAX_TIMEOUT_REQUEUES)  # fmt: skip
-    executor.update_parameters(**sbatch_parameters(options, gpus=gpus, job_name=f"gen-{out.root.name}"))
-    record: dict[str, Any] = {"submitted_at": time.time(), "array_job_ids": [], "tasks": []}
-    for chunk in split_arrays(len(tasks), max_array_size()):
-        calls = [ShardTask(str(out.root.resolve()), tuple(tasks[i]), gpus) for i in chunk]
-        try:
-            with executor.batch():
-                jobs = [executor.submit(call) for call in calls]
-        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
-            _save_submission(out, record)
-            raise JobError(f"sbatch refused the array: {_sbatch_message(exc)}") from None
-        record["array_job_ids"].append(jobs[0].job_id.split("_")[0])
-        record["tasks"] += [{"job_id": job.job_id, "scope": call.scope, "shards": list(call.shard_indices)}
-                            for job, call in zip(jobs, calls)]  # fmt: skip
-        _save_submission(out, record)
-    return record
-
-
-def _save_submission(out: OutputDir, record: dict[str, Any]) -> None:
-    if not record["tasks"]:
-        return
-    submissions = [s for s in read_submissions(out) if s["submitted_at"] != record["submitted_at"]]
-    write_json(out.root / "slurm" / "submissions.json", [*submissions, record])
-
-
-def _sbatch_message(exc: BaseException) -> str:
-    text = str(exc)
-    m = re.search(r"sbatch: error: (.*)", text)
-    return m.group(1).strip() if m else text.strip().splitlines()[-1] if text.strip() else repr(exc)
-
-
-def describe_submission(record: dict[str, Any], out: OutputDir) -> str:
-    """How to follow a submission, for the CLI."""
-    ids = ",".join(record["array_job_ids"])
-    return (f"submitted {len(record['tasks'])} task(s) as SLURM array job(s) {ids}; follow with "
-            f"`gen status {shlex.quote(str(out.root))}` or `squeue -j {ids}`; "
-            f"logs: {out.root / 'slurm'}/")  # fmt: skip

@@ -3,14 +3,14 @@
 Every configuration runs in its own process(es) on the same manifest (prompts with explicit
 seeds), interleaved (A B C ... A B C ...) to cancel drift, ``repeats`` times:
 
-    plain loop           pipe(prompt, generator=...) per prompt, PNGs   (jobs.plain_loop)
+    plain loop           pipe(prompt, generator=...) per prompt, PNGs   (jobs.bench.plain_loop)
     gen b1, gen bK       gen batch, 1 rank, --batch-size 1 and a sweep of K
     gen bB cfg2          --gpus N --cfg-parallel-size 2 against --gpus N/2 (bB: --batch-size B)
     gen bB gate0.5       --cfg-gate-step 0.5 against 1.0; gen bB gate-cos: --cfg-gate-cosine
     gen bB cfg2 gate0.5  both together
 
 with the same threads per rank everywhere. Then the per-call overhead of the intercept
-(jobs.bench_overhead) on tiny-sd, against a denoiser call of the benchmarked model. The
+(jobs.bench.overhead) on tiny-sd, against a denoiser call of the benchmarked model. The
 report (a table and a JSON file) holds every run's raw figures, medians and spreads, the
 ratios and whether each target was met.
 """
@@ -34,9 +34,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.bench_report import format_report
-from jobs.bench_runs import BenchRunFailed, RunSpec, Workload, run_one, subprocess_env
-from jobs.bench_stats import Target, best, compare, interleave, spread
+from jobs.bench.report import format_report
+from jobs.bench.runs import BenchRunFailed, RunSpec, Workload, run_one, subprocess_env
+from jobs.bench.stats import Target, best, compare, interleave, spread
 from jobs.errors import JobError
 
 TARGETS = {
@@ -150,7 +150,7 @@ def comparisons(config: BenchConfig, figures: dict[str, list[dict[str, Any]]]) -
         config: the bench's options (run names follow plan_runs).
         figures: run name -> one dict per repeat with "generate_wall_s" and "images_per_s".
     Returns:
-        One entry per comparison (see bench_stats.compare), with "numerator" and
+        One entry per comparison (see jobs.bench.stats.compare), with "numerator" and
         "denominator" run names; "gen vs plain, best batch" also names the best batch size.
     """
     b, f, half = config.batch_size, config.cfg_gate_step, config.gpus // 2
@@ -326,10 +326,10 @@ def _overhead(config: BenchConfig, work: Workload, root: Path) -> dict[str, Any]
     def run(name: str, *args: str, ranks: int = 1) -> None:
         out = root / "overhead" / name
         if ranks == 1:
-            cmd = [sys.executable, "-m", "jobs.bench_overhead", str(out), *args, *common]
+            cmd = [sys.executable, "-m", "jobs.bench.overhead", str(out), *args, *common]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={ranks}", "-m", "jobs.bench_overhead", str(out), *args,
+                   f"--nproc-per-node={ranks}", "-m", "jobs.bench.overhead", str(out), *args,
                    *common, "--ranks", str(ranks)]  # fmt: skip
         proc = subprocess.run(cmd, env=subprocess_env(config.threads), capture_output=True, text=True)
         if proc.returncode != 0:

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from jobs.video import mp4_bytes, mp4_frame_count, mp4_frames
+from jobs.output.media import mp4_bytes, mp4_frame_count, mp4_frames
 
 
 def _frames(num_frames: int, height: int, width: int) -> np.ndarray:

@@ -7,6 +7,7 @@ it, and on a machine where SLURM is gone.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.errors import JobError
-from jobs.slurm import count_states, queue_states, read_submissions
-from jobs.store import OutputDir
+from jobs.output.store import OutputDir
+from jobs.output.submissions import count_states, queue_states, read_submissions
 
 
 def job_status(out_dir: str) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def last_errors(out: OutputDir, limit: int = 5) -> list[str]:
         found.append((report["time"], f"rank {report['rank']}: {report['error']}"))
     messages = [m for _, m in sorted(found, reverse=True)]
     rows: list[str] = []
-    for path in sorted((out.root / "samples").glob("shard-*.parquet"), reverse=True):
+    for path in _samples_with_errors(out, newest_first=True):
         rows += [f"row {r['row_index']}: {r['error']}" for r in reversed(_error_rows(path))]
         if len(rows) >= limit:
             break
@@ -115,11 +116,21 @@ def error_rows(out_dir: str, limit: int = 3) -> list[str]:
     """The first ``limit`` error rows of the done shards, in manifest order:
     ``row R (sample_id): error``."""
     rows: list[str] = []
-    for path in sorted((OutputDir(out_dir).root / "samples").glob("shard-*.parquet")):
+    for path in _samples_with_errors(OutputDir(out_dir)):
         rows += [f"row {r['row_index']} ({r['sample_id']}): {r['error']}" for r in _error_rows(path)]
         if len(rows) >= limit:
             break
     return rows[:limit]
+
+
+def _samples_with_errors(out: OutputDir, *, newest_first: bool = False) -> Iterator[Path]:
+    """Samples files of done shards that may hold error rows, in shard order: those whose done
+    marker counts errors, and any without a marker (a run killed while committing it). A job
+    of 2,000 shards is thus read from its small done markers, not its 2,000 parquet files."""
+    for path in sorted((out.root / "samples").glob("shard-*.parquet"), reverse=newest_first):
+        marker = out.done_marker(path.stem)
+        if marker is None or marker.get("samples_error"):
+            yield path
 
 
 def _error_rows(path: Path) -> list[dict[str, Any]]:

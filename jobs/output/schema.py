@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from jobs.output.media import mp4_bytes
 from jobs.rows import PlannedSample
-from jobs.video import mp4_bytes
-from pipeline.generate import SampleResult
+from pipeline.samples import SampleResult
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.store import OutputDir, write_json
+from jobs.output.store import OutputDir, write_json
 
 
 def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dict[str, Any]:

@@ -1,9 +1,9 @@
-"""torchrun for gen's ranks: ``python -m jobs.torchrun LAUNCHER_PID TORCHRUN_ARGS...``.
+"""torchrun for gen's ranks: ``python -m jobs.local.torchrun LAUNCHER_PID TORCHRUN_ARGS...``.
 
 torchrun itself (``torch.distributed.run``), with two differences for a job runner:
 
 - It dies with the `gen` launcher: the kernel SIGKILLs it when LAUNCHER_PID dies (Linux
-  PR_SET_PDEATHSIG), and each rank does the same with it (jobs.worker), so a killed run leaves
+  PR_SET_PDEATHSIG), and each rank does the same with it (jobs.local.worker), so a killed run leaves
   no orphan writing its shards.
 - A failed rank ends it with a report instead of torchrun's traceback: none at all when the
   root cause is a job error the ranks have already explained (worker exit status 2, which this
@@ -35,7 +35,7 @@ def die_with_parent(parent: int) -> None:
 
 
 JOB_ERROR_EXIT = 2
-"""A rank's exit status for a job error it has reported (jobs.worker)."""
+"""A rank's exit status for a job error it has reported (jobs.local.worker)."""
 
 
 def _quiet_failure_logs(record: logging.LogRecord) -> bool:

@@ -1,6 +1,6 @@
 """The worker loop of one rank: its share of every unfinished shard, flushed as it goes.
 
-Entry point for torchrun: ``python -m jobs.worker OUT RUN_ID SCOPE SHARDS`` (reads RANK,
+Entry point for torchrun: ``python -m jobs.local.worker OUT RUN_ID SCOPE SHARDS`` (reads RANK,
 WORLD_SIZE, LOCAL_RANK, OMP_NUM_THREADS). With one rank the launcher (or a SLURM task) calls
 ``run_rank`` in its own process.
 
@@ -22,18 +22,19 @@ import torch
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError
-from jobs.failpoints import failpoint
-from jobs.lock import check_owner
+from jobs.local.torchrun import JOB_ERROR_EXIT, die_with_parent
 from jobs.manifest import open_manifest, read_rows
 from jobs.memory import peak_rss_bytes
+from jobs.output.failpoints import failpoint
+from jobs.output.lock import check_owner
+from jobs.output.schema import samples_schema, samples_table, steps_table
+from jobs.output.store import OutputDir, write_json
 from jobs.plan import deal, micro_batches, select_shards
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
-from jobs.schema import samples_schema, samples_table, steps_table
-from jobs.store import OutputDir, write_json
-from jobs.torchrun import JOB_ERROR_EXIT, die_with_parent
 from parallel.cfg_group import CollectiveError
+from parallel.cpus import pin_cpu_rank
 from parallel.group import barrier, cfg_group, close_ranks, init_ranks, record_errors
-from parallel.platform import detect_platform, parse_dtype, pin_cpu_rank
+from parallel.platform import detect_platform, parse_dtype
 from pipeline.generate import SampleResult, StageRunner
 from pipeline.loading import ModelRef, load_pipeline
 
@@ -263,7 +264,7 @@ def parse_shards(arg: str) -> list[int] | None:
 
 @record_errors
 def main() -> None:
-    """torchrun entry: ``python -m jobs.worker OUT RUN_ID SCOPE SHARDS [--no-pin]``."""
+    """torchrun entry: ``python -m jobs.local.worker OUT RUN_ID SCOPE SHARDS [--no-pin]``."""
     die_with_parent(os.getppid())
     out_dir, run_id, scope, shards = sys.argv[1:5]
     rank = int(os.environ["RANK"])

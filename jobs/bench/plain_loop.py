@@ -9,7 +9,7 @@ script does)::
 
 Run it in its own process so that its threads and peak memory are its own:
 
-    python -m jobs.plain_loop MANIFEST MODEL_DIR OUT_DIR RESULT_JSON --steps 20 --height 128 \\
+    python -m jobs.bench.plain_loop MANIFEST MODEL_DIR OUT_DIR RESULT_JSON --steps 20 --height 128 \\
         --width 128 --guidance-scale 7.5 --threads 1
 
 Model load and the generation loop are timed separately, so images/s compares like with like
@@ -107,7 +107,7 @@ def run_plain_loop(manifest: str, model_dir: str, out_dir: str, *, num_inference
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m jobs.plain_loop MANIFEST MODEL_DIR OUT_DIR RESULT_JSON [options]``."""
+    """``python -m jobs.bench.plain_loop MANIFEST MODEL_DIR OUT_DIR RESULT_JSON [options]``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("manifest")
     ap.add_argument("model_dir")

@@ -10,10 +10,16 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.store import OutputDir, write_json
+from jobs.output.store import OutputDir, write_json
+
+
+def task_scope(shard_indices: Sequence[int]) -> str:
+    """A task's name, for its per-run files: ``task-NNNNN`` after its first shard."""
+    return f"task-{shard_indices[0]:05d}"
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,6 @@ class ShardTask:
     @property
     def scope(self) -> str:
         """The task's per-run file scope, ``task-NNNNN`` after its first shard."""
-        from jobs.slurm import task_scope
-
         return task_scope(self.shard_indices)
 
     def __call__(self) -> dict[str, Any]:
@@ -44,8 +48,9 @@ class ShardTask:
             RunFailed: a rank failed (the task ends FAILED; a re-run of the command resumes).
             JobError: the job cannot run on this node.
         """
-        from jobs.launch import new_run_id, run_shards
-        from parallel.platform import threads_per_rank
+        from jobs.job import new_run_id
+        from jobs.local.launch import run_shards
+        from parallel.cpus import threads_per_rank
 
         out = OutputDir(self.out_dir, self.scope)
         cores, bound = _task_cores()
@@ -100,7 +105,7 @@ def _task_cores() -> tuple[int, bool]:
     process still sees every core of the node, and pinning ranks to "their" cores would stack
     the tasks that share a node onto the same ones.
     """
-    from parallel.platform import available_cores
+    from parallel.cpus import available_cores
 
     visible = available_cores()
     allocated = int(os.environ.get("SLURM_CPUS_PER_TASK") or visible)

@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.failpoints import failpoint
+from jobs.output.failpoints import failpoint
+from jobs.output.schema import STEPS_SCHEMA
 from jobs.plan import Shard
-from jobs.schema import STEPS_SCHEMA
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -192,7 +192,7 @@ class OutputDir:
 
     def clear_stale_commit(self, shard: Shard) -> bool:
         """Remove a commit lock left by a run killed mid-commit. Only for the holder of the
-        shard's write lock (jobs.lock), before its ranks start: no commit can be under way.
+        shard's write lock (jobs.output.lock), before its ranks start: no commit can be under way.
 
         Returns:
             True if there was one.
@@ -210,7 +210,7 @@ class OutputDir:
         removed; the shard files stay until the next commit replaces them. Parts of an
         unfinished shard are rewritten without their error rows. Each step is atomic, and a
         crash between them leaves a state that the same call, or a plain re-run, completes.
-        Only for the holder of the shard's write lock (jobs.lock).
+        Only for the holder of the shard's write lock (jobs.output.lock).
 
         Args:
             shard: the shard.

@@ -12,8 +12,8 @@ For context it also times the stock pipeline call (``output_type="latent"``) aga
 call under the intercept, interleaved (an A/B whose difference per step is noisier than the
 direct figure). Run by `gen bench`, or by hand:
 
-    python -m jobs.bench_overhead RESULT_JSON --model tiny-sd --steps 20 --batch-size 4
-    python -m torch.distributed.run --standalone --nproc-per-node=2 -m jobs.bench_overhead \\
+    python -m jobs.bench.overhead RESULT_JSON --model tiny-sd --steps 20 --batch-size 4
+    python -m torch.distributed.run --standalone --nproc-per-node=2 -m jobs.bench.overhead \\
         RESULT_DIR --ranks 2 ...       # CFG parallel: one RESULT_DIR/rank-N.json per rank
 """
 
@@ -193,7 +193,7 @@ def _stock_vs_intercepted(runner: StageRunner, requests: list[SampleRequest], re
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m jobs.bench_overhead RESULT [--model M --steps S --batch-size B --size PX
+    """``python -m jobs.bench.overhead RESULT [--model M --steps S --batch-size B --size PX
     --repeats R --threads T --no-cfg-batching --ranks K]``: with --ranks K > 1 (under torchrun)
     RESULT is a directory and each rank writes rank-N.json there."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,0 +1,1 @@
+"""A run on this node: the launcher (launch), torchrun under it (torchrun), and each rank (worker)."""

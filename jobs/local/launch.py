@@ -1,0 +1,149 @@
+"""Run a `gen batch` job on this node: prepare it, lock its shards, start the ranks (in this
+process, or under torchrun: jobs.local.torchrun, jobs.local.worker), and summarise it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jobs.config import BatchConfig
+from jobs.errors import JobError, RunFailed
+from jobs.job import new_run_id, prepare_job, reopen_errors
+from jobs.output.lock import ShardLocks
+from jobs.output.progress import ProgressMonitor
+from jobs.output.store import OutputDir
+from jobs.output.summary import build_summary
+from jobs.plan import select_shards
+
+
+def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrite: bool = False,
+              retry_errors: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Run a job on this node and return its summary (also OUT/summary.json).
+
+    Args:
+        config: the job's options.
+        launch_wall: time.time() at CLI start (default: now), for startup_s.
+        overwrite: replace an --out directory that holds a different job.
+        retry_errors: generate the samples whose status is "error" again (and only those,
+            with the shards not yet done).
+        echo: where one-line notices go.
+    Raises:
+        JobError: bad manifest, options, an --out holding another job, or shards being written
+            by another run.
+        RunFailed: a rank failed (its error has been printed).
+    """
+    launch_wall = launch_wall or time.time()
+    job = prepare_job(config, overwrite=overwrite, echo=echo)
+    out = job.out
+    run_id = new_run_id()
+    with ShardLocks(out.root, run_id, out.scope) as locks:
+        pending, errored = job.pending, (job.with_errors if retry_errors else [])
+        locks.acquire(pending + errored)
+        if retry_errors:
+            reopen_errors(job, errored + pending, echo)
+            pending = job.pending  # now with the reopened shards
+        echo(f"plan: {job.manifest.num_rows} rows -> {len(job.shards)} shard(s) of "
+             f"{config.shard_size} rows; {len(pending)} to run; out: {out.root}")  # fmt: skip
+        shutil.rmtree(out.runs, ignore_errors=True)
+        if pending:
+            with ProgressMonitor(out.run_dir / "progress", job.total_images(pending)):
+                run_shards(out, run_id, gpus=config.gpus, threads=job.threads, echo=echo,
+                           locks=locks)  # fmt: skip
+    return build_summary(out, launch_wall=launch_wall, num_shards=len(job.shards))
+
+
+def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
+               shard_indices: list[int] | None = None, pin_cpus: bool = True,
+               echo: Callable[[str], None] = print, locks: ShardLocks | None = None,
+               lock_wait_s: float = 0.0) -> None:  # fmt: skip
+    """Run ``gpus`` ranks over the shards (None: all) on this node, under ``out.scope``.
+
+    The run first takes the write lock of every unfinished shard it covers (jobs.output.lock): a shard
+    that another live run is writing makes it refuse; a stale lock (its run was killed) is taken
+    over, and so is a commit lock that a run killed mid-commit left. One rank runs in this
+    process; more run under ``torchrun --standalone`` (c10d rendezvous on localhost with a free
+    port, so two runs on one node do not collide), which holds the locks with this process and
+    is killed by the kernel if this process dies (and its ranks with it). ``locks``: locks the
+    caller already holds for this run (taken here when None, and released on return).
+    ``lock_wait_s``: how long to keep trying while another run holds some of the locks (a
+    requeued SLURM attempt whose previous attempt is still exiting); 0 refuses at once.
+
+    Raises:
+        JobError: the job cannot run (a shard is locked by another run; a rank found the job
+            invalid, e.g. a size the model cannot make).
+        RunFailed: a rank failed; the message is the root cause among the ranks' reports.
+    """
+    job = json.loads(out.job_json.read_text())
+    num_rows, shard_size = job["manifest"]["num_rows"], job["config"]["shard_size"]
+    shards = select_shards(num_rows, shard_size, shard_indices)
+    with contextlib.ExitStack() as stack:
+        if locks is None:
+            locks = stack.enter_context(ShardLocks(out.root, run_id, out.scope))
+        unfinished = [s for s in shards if not out.is_done(s)]
+        locks.acquire(unfinished, wait_s=lock_wait_s)
+        # A run killed after a commit leaves the shard's lock file, and maybe its parts.
+        locks.sweep((s.name for s in shards if s not in unfinished),
+                    lambda name: shutil.rmtree(out.root / ".gen" / "shards" / name, ignore_errors=True))  # fmt: skip
+        for stale in locks.stale:
+            echo(stale.describe())
+        for shard in unfinished:
+            if out.clear_stale_commit(shard):
+                echo(f"{shard.name}: removed the commit lock of a run killed while committing")
+        _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
+                   pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip
+
+
+def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
+               shard_indices: list[int] | None, pin_cpus: bool, lock_fds: list[int]) -> None:  # fmt: skip
+    if gpus == 1:
+        from jobs.local.worker import run_rank
+
+        run_rank(str(out.root), run_id, rank=0, world_size=1, local_rank=0, threads=threads,
+                 scope=out.scope, shard_indices=shard_indices, pin_cpus=pin_cpus)  # fmt: skip
+        return
+    from jobs.local.worker import format_shards
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "jobs.local.torchrun", str(os.getpid()), "--standalone",
+        f"--nproc-per-node={gpus}", "-m", "jobs.local.worker", str(out.root), run_id, out.scope,
+        format_shards(shard_indices), *([] if pin_cpus else ["--no-pin"]),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, pass_fds=lock_fds)
+    if proc.returncode != 0:
+        report = _first_failure(out)
+        if report is not None and report.get("job_error"):
+            raise JobError(report["error"])
+        cause = _describe_failure(report, proc.returncode)
+        raise RunFailed(
+            f"{cause}. Finished shards and flushed samples are kept: re-run the same command "
+            "to resume."
+        )
+
+
+def _first_failure(out: OutputDir) -> dict[str, Any] | None:
+    """The root cause among the ranks' error reports: the earliest error that is not a broken
+    collective (those follow another rank's failure), else the earliest one; None if none."""
+    reports = []
+    for path in (out.run_dir / "ranks").glob("rank-*.error.json"):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(reports, key=lambda r: (r["collective"], r["time"])) if reports else None
+
+
+def _describe_failure(first: dict[str, Any] | None, returncode: int) -> str:
+    if first is None:
+        return f"a rank failed (torchrun exit {returncode}; a rank killed by a signal leaves " \
+            "no report: see torchrun's report above)"
+    hint = (" (a broken group follows another rank's failure; a rank that died or hung leaves "
+            "no report of its own: see torchrun's report above)")  # fmt: skip
+    return f"rank {first['rank']} failed: {first['error']}" + (hint if first["collective"] else "")

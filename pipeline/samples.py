@@ -1,0 +1,81 @@
+"""What to generate and what came back, per image: SampleRequest, SampleResult, StepRecord.
+
+Plain records with no torch in them, so that the job layer (jobs.rows, jobs.output.schema) plans
+rows and writes results without importing torch or diffusers; the stages that fill them are in
+pipeline.generate and pipeline.denoiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One denoiser step of a micro-batch."""
+
+    step_index: int
+    """0-based position in the scheduler's timesteps."""
+    timestep: float
+    """The scheduler timestep passed to the denoiser."""
+    denoiser: str
+    """Pipeline attribute of the module that ran ("unet", "transformer", "transformer_2")."""
+    uncond: str
+    """"fresh" (computed this step), "reused" (from a cached delta) or "none" (no guidance)."""
+    step_s: float
+    """Wall seconds in the denoiser for this step on this rank: its branch forwards and, under
+    CFG parallelism, the gather of the other ranks' predictions."""
+    branches: tuple[tuple[str, int], ...] = ()
+    """(branch name, CFG-group rank that ran it), in the pipeline's branch order; a branch cut
+    by samples across the group appears once per rank."""
+    unconds: tuple[str, ...] = ()
+    """Per sample of the micro-batch: "fresh", "reused" or "none" (``uncond`` is the
+    sample's own value once results are split per sample)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleRequest:
+    """One image to generate."""
+
+    sample_id: str
+    prompt: str
+    negative_prompt: str
+    """"" for the plain unconditional embedding."""
+    seed: int
+    """Seed of this image's generator, in [0, 2**63)."""
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    cfg_gate_step: float = 1.0
+    """CFG gating fraction F in [0, 1]: from step int(steps * F) on, uncond is rebuilt from the
+    cached delta (pipeline.gating); 1.0 = off."""
+    num_frames: int | None = None
+    """Video models: frames to generate; None for image models."""
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, float, float, int | None]:
+        """Requests may share a pipeline call only when these are equal."""
+        return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
+                self.cfg_gate_step, self.num_frames)  # fmt: skip
+
+
+@dataclass
+class SampleResult:
+    """One generated image, or the error that prevented it."""
+
+    request: SampleRequest
+    image: Any = None
+    """PIL image, or (F, H, W, 3) uint8 frames for video models; None on error, or when
+    another rank of the CFG group decodes it."""
+    error: str | None = None
+    warning: str | None = None
+    """A note on a generated sample, e.g. its prompt was truncated by the text encoder."""
+    steps: list[StepRecord] = field(default_factory=list)
+    invalidations: int = 0
+    """Cached guidance deltas dropped on a denoiser switch (shared by the micro-batch)."""
+    gate_step: int | None = None
+    """First step whose uncond was reused, or None if every uncond was fresh."""
+    denoise_s: float = 0.0
+    """Wall seconds of the micro-batch's denoise stage (shared by its images)."""
