@@ -10,8 +10,9 @@ expects, and every step is recorded.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
-from parallel.branches import Branch, CfgParallelExecutor, SerialBranchExecutor, split_branches
-from pipeline.families import CfgConvention
+from parallel.branches import CfgParallelExecutor, SerialBranchExecutor, split_branches
+from pipeline.families.base import Calls, CfgConvention
 from pipeline.gating import CfgGate
 from pipeline.samples import StepRecord
 
@@ -102,24 +103,61 @@ def _prediction(output: Any) -> torch.Tensor:
     return output[0]
 
 
+def bind_arguments(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call as keyword arguments named by ``forward``'s signature, so that a family's
+    argument map does not depend on which arguments a pipeline passes positionally. A forward
+    that takes ``*args`` (a wrapper) keeps its positional arguments."""
+    try:
+        signature = inspect.signature(forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs
+    named: dict[str, Any] = {}
+    rest: tuple[Any, ...] = ()
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            rest = value
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.POSITIONAL_ONLY:
+            return args, kwargs
+        else:
+            named[name] = value
+    return rest, named
+
+
+StepCalls = Callable[[int, int, bool], Calls]
+
+
 class DenoiserHook:
     """Intercepts the denoiser modules of one pipeline.
+
+    At the first denoiser call of a step the hook builds every branch of the step: those of
+    this call, split by the convention's argument map, and those the pipeline computes in its
+    later calls of the step (Wan's and Flux's uncond, SD3's skip-layer cond), built from the
+    cond branch with the inputs ``branch_inputs`` gives for them. The executor runs them all;
+    this call gets its own predictions back and each later call is served from the rest.
 
     Args:
         pipe: the diffusers pipeline.
         convention: its CFG calling convention.
         executor: runs a step's branches (on this rank, or across its CFG group).
+        step_calls: the calls of a step, (step, num_steps, guidance) -> calls; default: the
+            convention's calls under guidance, one cond call without.
     """
 
-    def __init__(self, pipe: Any, convention: CfgConvention, executor: Executor) -> None:
+    def __init__(self, pipe: Any, convention: CfgConvention, executor: Executor,
+                 step_calls: StepCalls | None = None) -> None:  # fmt: skip
         self.pipe = pipe
         self.convention = convention
         self.executor = executor
+        self.step_calls = step_calls or (lambda step, n, guidance: convention.calls if guidance else (("cond",),))
 
     @contextmanager
     def intercept(self, *, batch: int, guidance: bool, cfg_gate_step: float = 1.0,
                   cfg_gate_cosine: float | None = None,
-                  uncond_inputs: dict[str, Any] | None = None) -> Iterator[DenoiseTrace]:  # fmt: skip
+                  branch_inputs: dict[str, dict[str, Any]] | None = None) -> Iterator[DenoiseTrace]:  # fmt: skip
         """Wrap the denoisers for one pipeline call; yields the trace its steps are recorded in.
 
         Args:
@@ -127,14 +165,11 @@ class DenoiserHook:
             guidance: whether the pipeline runs CFG (guidance_scale > 1).
             cfg_gate_step: gating fraction F in [0, 1]; 1.0 = off (see pipeline.gating).
             cfg_gate_cosine: adaptive gating threshold G, or None.
-            uncond_inputs: two-call pipelines: the keyword inputs of the uncond call that differ
-                from the cond call (the negative embeddings, (B, L, D)), so that both branches
-                can run at the step's first call.
+            branch_inputs: for each branch computed in a later call of a step, its denoiser
+                arguments that differ from the cond branch's (Family.branch_inputs).
         Raises:
-            ValueError: a two-call convention with guidance but no ``uncond_inputs``.
+            ValueError: a step has a later-call branch without ``branch_inputs``.
         """
-        if guidance and not self.convention.batched and uncond_inputs is None:
-            raise ValueError("a two-call pipeline needs uncond_inputs to run its branches")
         trace = DenoiseTrace([], CfgGate(cfg_gate_step, batch, cfg_gate_cosine))
         modules = [
             (name, getattr(self.pipe, name))
@@ -144,7 +179,7 @@ class DenoiserHook:
         saved = [module.__dict__.get("forward") for _, module in modules]
         for name, module in modules:
             module.forward = self._wrap(name, module.forward, batch, guidance, trace,
-                                        uncond_inputs or {})  # fmt: skip
+                                        branch_inputs or {})  # fmt: skip
         try:
             yield trace
         finally:
@@ -155,21 +190,33 @@ class DenoiserHook:
                     module.forward = prior
 
     def _wrap(self, name: str, forward: Any, batch: int, guidance: bool, trace: DenoiseTrace,
-              uncond_inputs: dict[str, Any]):  # fmt: skip
-        one_call = self.convention.batched
-        names = self.convention.branch_order if guidance else ("cond",)
-        pending: list[torch.Tensor] = []  # two-call: the uncond prediction for the next call
+              branch_inputs: dict[str, dict[str, Any]]):  # fmt: skip
+        conv = self.convention
+        pending: list[tuple[int, torch.Tensor]] = []  # later calls of this step: (batch, prediction)
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if pending:  # two-call pipelines: the step's uncond call, already computed
-                return _rebuild(None, pending.pop(), kwargs.get("return_dict", True))
+            return_dict = kwargs.get("return_dict", True)
+            if pending:  # a later call of the step, already computed at its first call
+                size, prediction = pending.pop(0)
+                rest, named = bind_arguments(forward, args, kwargs)
+                got = named.get(conv.latents_key)
+                if isinstance(got, torch.Tensor) and got.shape[0] != size:
+                    raise RuntimeError(f"{name} called with batch {got.shape[0]}, expected {size} "
+                                       "(the pipeline made a call its family did not declare)")  # fmt: skip
+                return _rebuild(None, prediction, return_dict)
             start = time.perf_counter()
-            sample = _first_tensor(args, kwargs)
-            calls = len(names) if one_call else 1
-            if sample.shape[0] != batch * calls:
+            rest, named = bind_arguments(forward, args, kwargs)
+            step = len(trace.steps)
+            timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+            num_steps = 0 if timesteps is None else len(timesteps)
+            calls = self.step_calls(step, num_steps, guidance)
+            latents = named.get(conv.latents_key)
+            if not isinstance(latents, torch.Tensor):
+                raise RuntimeError(f"{name} called without its latents argument {conv.latents_key!r}")
+            if latents.shape[0] != batch * len(calls[0]):
                 raise RuntimeError(
-                    f"{name} called with batch {sample.shape[0]}, expected {batch * calls} "
-                    f"({calls} branch(es) x {batch} samples)"
+                    f"{name} called with batch {latents.shape[0]}, expected {batch * len(calls[0])} "
+                    f"({len(calls[0])} branch(es) x {batch} samples)"
                 )
             template: list[Any] = []
 
@@ -178,41 +225,34 @@ class DenoiserHook:
                 template.append(out)
                 return _prediction(out)
 
-            if one_call:
-                branches = split_branches(names, args, kwargs, batch * len(names))
-            else:
-                cond = Branch("cond", args, kwargs, batch)
-                branches = [cond] + [cond.with_inputs(n, **uncond_inputs) for n in names[1:]]
-            step = len(trace.steps)
+            branches = split_branches(calls[0], rest, named, batch * len(calls[0]), conv.sample_keys)
+            cond = next((b for b in branches if b.name == "cond"), None)
+            for index, call in enumerate(calls[1:], start=1):
+                for branch in call:
+                    if cond is None or branch not in branch_inputs:
+                        raise ValueError(f"branch {branch} of a later call has no inputs")
+                    branches.append(cond.with_inputs(branch, 0 if conv.merge_calls else index,
+                                                     **branch_inputs[branch]))  # fmt: skip
+            names = [b.name for b in branches]
             gate = trace.gate
-            fresh = (
-                gate.fresh(step, len(self.pipe.scheduler.timesteps), name)
-                if guidance and gate.active
-                else list(range(batch))
-            )
-            running = [
-                b.take(fresh) if b.name == "uncond" else b
-                for b in branches
-                if b.name != "uncond" or fresh
-            ]
+            gated = guidance and "uncond" in names and gate.active
+            fresh = gate.fresh(step, num_steps, name) if gated else list(range(batch))
+            running = [b.take(fresh) if b.name == "uncond" else b
+                       for b in branches if b.name != "uncond" or fresh]  # fmt: skip
             ran = dict(zip([b.name for b in running], self.executor.run(running, run)))
-            if guidance:
+            if "uncond" in names:
                 ran["uncond"] = gate.combine(name, fresh, ran["cond"], ran.get("uncond"))
             trace.check_finite(step, ran)
             fresh_set = set(fresh)
             unconds = tuple(
-                "none" if not guidance else "fresh" if i in fresh_set else "reused"
+                "none" if "uncond" not in names else "fresh" if i in fresh_set else "reused"
                 for i in range(batch)
             )
-            return_dict = kwargs.get("return_dict", True)
-            if one_call:
-                result = _rebuild(template[0] if template else None,
-                                  torch.cat([ran[n] for n in names], dim=0), return_dict)  # fmt: skip
-            else:
-                result = _rebuild(template[0] if template else None, ran["cond"], return_dict)
-                if guidance:
-                    pending.append(ran["uncond"])
-            timestep = args[1] if len(args) > 1 else kwargs.get("timestep", 0)
+            for call in calls[1:]:
+                pending.append((batch * len(call), torch.cat([ran[n] for n in call], dim=0)))
+            result = _rebuild(template[0] if template else None,
+                              torch.cat([ran[n] for n in calls[0]], dim=0), return_dict)  # fmt: skip
+            timestep = named.get("timestep", 0)
             trace.steps.append(
                 StepRecord(
                     step_index=step,

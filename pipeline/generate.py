@@ -64,7 +64,7 @@ class StageRunner:
             if self.group.size > 1
             else SerialBranchExecutor(batched=cfg_batching)
         )
-        self.hook = DenoiserHook(pipe, self.family.convention, executor)
+        self.hook = DenoiserHook(pipe, self.family.convention, executor, self.family.step_calls)
         self.guidance_rescale = guidance_rescale
         self.cfg_gate_cosine = cfg_gate_cosine
 
@@ -124,13 +124,10 @@ class StageRunner:
 
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
             start = time.perf_counter()
-            uncond_inputs = None
-            if guidance and not self.family.convention.batched:
-                uncond_inputs = {self.family.cond_kwarg: cond.negative_prompt_embeds_BLD}
             with self.hook.intercept(batch=len(requests), guidance=guidance,
                                      cfg_gate_step=first.cfg_gate_step,
                                      cfg_gate_cosine=self.cfg_gate_cosine,
-                                     uncond_inputs=uncond_inputs) as trace:  # fmt: skip
+                                     branch_inputs=self.family.branch_inputs(cond)) as trace:  # fmt: skip
                 latents = self.family.denoise(
                     cond,
                     generators,
@@ -160,7 +157,8 @@ class StageRunner:
                 result.error = "non-finite latents after denoising"
             elif decode[i]:
                 try:  # one image per VAE call (diffusers' VAE slicing)
-                    result.image = self.family.decode(latents[i : i + 1])[0]
+                    result.image = self.family.decode(latents[i : i + 1], height=request.height,
+                                                      width=request.width)[0]
                 except Exception as exc:  # noqa: BLE001 - only this image is lost
                     result.error = f"decode: {type(exc).__name__}: {exc}"
             results.append(result)

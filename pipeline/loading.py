@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.smoke_models import SMOKE_MODELS, ensure_smoke_model, smoke_model_dir
+from pipeline.smoke import ensure_smoke_model, smoke_model_dir, smoke_models
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded, not where --model is resolved
     import torch
@@ -45,7 +45,7 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, *, build: boo
         ValueError: a local path that is not a diffusers directory (no model_index.json).
     """
     name = name or DEFAULT_MODEL
-    if name in SMOKE_MODELS:
+    if name in smoke_models():
         path = ensure_smoke_model(name, cache_dir) if build else smoke_model_dir(name, cache_dir)
         return ModelRef(name=name, path=str(path), smoke_test=True)
     path = Path(name).expanduser()

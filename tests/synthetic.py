@@ -9,6 +9,8 @@ import torch
 from parallel.branches import Branch, SerialBranchExecutor, split_branches
 
 B = 2  # samples per branch
+SAMPLE_KEYS = frozenset({"0", "encoder_hidden_states"})
+"""Per-sample inputs of the synthetic call: the latents (positional 0) and the conditioning."""
 
 
 def make_branches(n: int, dtype: torch.dtype = torch.float32) -> list[Branch]:
@@ -18,7 +20,7 @@ def make_branches(n: int, dtype: torch.dtype = torch.float32) -> list[Branch]:
     cond = torch.randn(n * B, 5, 3, generator=g).to(dtype)
     t = torch.tensor(500)
     names = [f"b{i}" for i in range(n)]
-    return split_branches(names, (x, t), {"encoder_hidden_states": cond}, n * B)
+    return split_branches(names, (x, t), {"encoder_hidden_states": cond}, n * B, SAMPLE_KEYS)
 
 
 class Predictor:

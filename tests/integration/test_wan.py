@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.loading import load_pipeline, resolve_model
-from pipeline.wan import WanFamily
+from pipeline.families.wan import WanFamily
 
 PROMPTS = ["a cat", "a lighthouse at dusk"]
 SIZE = {"height": 32, "width": 48}  # not square: a swapped height / width shows
@@ -61,14 +61,14 @@ def test_stages_equal_the_stock_pipeline(pipe) -> None:  # noqa: ANN001
     finally:
         for h in handles:
             h.remove()
-    assert cond.prompt_embeds_BLD.shape == (2, 512, 32)
+    assert cond.cond["prompt_embeds"].shape == (2, 512, 32)
     assert latents.shape == (2, 16, 2, 4, 6) and latents.dtype == torch.float32
 
     def branch(kwargs: dict) -> str:
         embeds = kwargs["encoder_hidden_states"]
-        if torch.equal(embeds, cond.prompt_embeds_BLD):
+        if torch.equal(embeds, cond.cond["prompt_embeds"]):
             return "cond"
-        assert torch.equal(embeds, cond.negative_prompt_embeds_BLD)
+        assert torch.equal(embeds, cond.uncond["negative_prompt_embeds"])
         return "uncond"
 
     assert [(name, branch(kw)) for name, _, kw in calls] == (
@@ -81,7 +81,7 @@ def test_stages_equal_the_stock_pipeline(pipe) -> None:  # noqa: ANN001
     timesteps = [float(kw["timestep"][0]) for _, _, kw in calls[::2]]
     assert timesteps == [999.0, 900.0, 750.0, 500.0]  # boundary 875: 2 steps per expert
 
-    videos = family.decode(latents)
+    videos = family.decode(latents, height=64, width=64)
     assert [(v.shape, v.dtype) for v in videos] == [((5, 32, 48, 3), np.uint8)] * 2
     stock = pipe(prompt=PROMPTS, negative_prompt=["", ""], num_frames=5, num_inference_steps=4,
                  guidance_scale=4.0, generator=_generators(), output_type="np", **SIZE).frames  # fmt: skip
@@ -89,7 +89,7 @@ def test_stages_equal_the_stock_pipeline(pipe) -> None:  # noqa: ANN001
     for video, ref in zip(videos, stock_u8):
         assert video.tobytes() == ref.tobytes()
     # gen decodes one video per VAE call: equal to a batched decode here.
-    alone = family.decode(latents[1:2])[0]
+    alone = family.decode(latents[1:2], height=64, width=64)[0]
     assert np.abs(alone.astype(np.int16) - videos[1]).max() <= 1
     assert videos[0].tobytes() != videos[1].tobytes()
 
@@ -105,7 +105,7 @@ def test_without_guidance_only_the_cond_branch_runs(pipe) -> None:  # noqa: ANN0
     finally:
         for h in handles:
             h.remove()
-    assert cond.negative_prompt_embeds_BLD is None
+    assert cond.uncond is None
     assert latents.shape == (2, 16, 2, 4, 6)  # default_num_frames 5 -> 2 latent frames
     assert [name for name, _, _ in calls] == ["transformer"] * 2 + ["transformer_2"] * 2
 

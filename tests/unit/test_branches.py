@@ -9,13 +9,16 @@ import torch
 
 from parallel.branches import (
     Branch,
+    NotConcatenable,
     SerialBranchExecutor,
     concat_branches,
-    map_batch,
+    forward_groups,
     split_branches,
 )
 
 NAMES = ("uncond", "cond")
+KEYS = frozenset({"0", "encoder_hidden_states", "added.a"})
+"""The per-sample inputs of ``_inputs``: latents (positional 0), embeddings, a nested tensor."""
 
 
 def _inputs() -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -29,7 +32,7 @@ def _inputs() -> tuple[tuple[Any, ...], dict[str, Any]]:
 def test_split_branches() -> None:
     args, kwargs = _inputs()
     x, t = args
-    branches = split_branches(NAMES, args, kwargs, 4)
+    branches = split_branches(NAMES, args, kwargs, 4, KEYS)
     assert [b.name for b in branches] == ["uncond", "cond"]
     for i, b in enumerate(branches):
         bx, bt = b.args
@@ -46,33 +49,53 @@ def test_split_branches() -> None:
 
 def test_split_three_branches() -> None:
     x = torch.arange(6.0)
-    branches = split_branches(("a", "b", "c"), (x,), {}, 6)
+    branches = split_branches(("a", "b", "c"), (x,), {}, 6, frozenset({"0"}))
     assert [b.args[0].tolist() for b in branches] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
 
 
 def test_split_indivisible_batch() -> None:
     with pytest.raises(ValueError):
-        split_branches(NAMES, (torch.zeros(3),), {}, 3)
+        split_branches(NAMES, (torch.zeros(3),), {}, 3, frozenset({"0"}))
 
 
-def test_map_batch_keeps_containers_and_other_sizes() -> None:
-    obj = {
-        "l": [torch.zeros(4), torch.zeros(2)],
-        "t": (torch.zeros(4, 1), 3, "s"),
-        "z": torch.tensor(1.0),
-    }
-    out = map_batch(obj, lambda t: t[:1], 4)
-    assert isinstance(out["l"], list) and isinstance(out["t"], tuple)
-    assert out["l"][0].shape == (1,)
-    assert out["l"][1] is obj["l"][1]
-    assert out["t"][0].shape == (1, 1)
-    assert out["t"][1:] == (3, "s")
-    assert out["z"] is obj["z"]
+def test_only_declared_inputs_are_split() -> None:
+    """A shared tensor whose dim 0 happens to equal the batch (CogVideoX's rotary embeddings)
+    stays whole; a per-sample list (Qwen-Image's img_shapes) is split; None is left alone."""
+    x = torch.arange(4.0)
+    rotary = torch.ones(4, 8)
+    branches = split_branches(NAMES, (x,), {"rotary": rotary, "shapes": [1, 2, 3, 4], "mask": None}, 4,
+                              frozenset({"0", "shapes", "mask"}))  # fmt: skip
+    assert [b.kwargs["shapes"] for b in branches] == [[1, 2], [3, 4]]
+    assert all(b.kwargs["rotary"] is rotary and b.kwargs["mask"] is None for b in branches)
+    assert branches[1].take([1]).kwargs["shapes"] == [4]
+
+
+def test_a_wrong_argument_map_is_an_error() -> None:
+    with pytest.raises(ValueError, match="encoder_hidden_states has leading size 3, expected 4"):
+        split_branches(NAMES, (torch.zeros(4),), {"encoder_hidden_states": torch.zeros(3, 2)}, 4,
+                       frozenset({"0", "encoder_hidden_states"}))  # fmt: skip
+
+
+def test_branches_with_different_shared_inputs_do_not_concatenate() -> None:
+    """SD3's skip-layer call (skip_layers) and Qwen-Image's texts of other lengths run alone."""
+    args, kwargs = _inputs()
+    uncond, cond = split_branches(NAMES, args, kwargs, 4, KEYS)
+    skip = cond.with_inputs("cond_skip", 1, skip_layers=[1, 2])
+    with pytest.raises(NotConcatenable):
+        concat_branches([cond, skip])
+    longer = cond.with_inputs("uncond", 0, encoder_hidden_states=torch.zeros(2, 3, 5))
+    with pytest.raises(NotConcatenable):
+        concat_branches([cond, longer])
+    assert [[b.name for b in g] for g in forward_groups([uncond, cond, skip], batched=True)] == [
+        ["uncond", "cond"], ["cond_skip"]]
+    assert len(forward_groups([uncond, cond, skip], batched=False)) == 3
+    other_call = cond.with_inputs("uncond", 1, encoder_hidden_states=torch.zeros(2, 2, 5))
+    assert len(forward_groups([cond, other_call], batched=True)) == 2  # the pipeline's own calls
 
 
 def test_concat_inverts_split() -> None:
     args, kwargs = _inputs()
-    branches = split_branches(NAMES, args, kwargs, 4)
+    branches = split_branches(NAMES, args, kwargs, 4, KEYS)
     cargs, ckwargs = concat_branches(branches)
     assert torch.equal(cargs[0], args[0])
     assert torch.equal(cargs[1], args[1])
@@ -83,7 +106,7 @@ def test_concat_inverts_split() -> None:
 
 
 def test_concat_single_branch_is_identity() -> None:
-    b = Branch("cond", (torch.ones(2),), {"k": torch.zeros(2)}, 2)
+    b = Branch("cond", (torch.ones(2),), {"k": torch.zeros(2)}, 2, frozenset({"0", "k"}))
     args, kwargs = concat_branches([b])
     assert args is b.args and kwargs is b.kwargs
 
@@ -92,7 +115,7 @@ def test_concat_inverts_split_with_shared_leading_dim_one_tensor() -> None:
     """B = 1: a shared (1,)-shaped timestep is not split, so it must not be concatenated."""
     x = torch.arange(2.0).reshape(2, 1)
     t = torch.tensor([5.0])
-    args, _ = concat_branches(split_branches(NAMES, (x, t), {}, 2))
+    args, _ = concat_branches(split_branches(NAMES, (x, t), {}, 2, frozenset({"0"})))
     assert torch.equal(args[0], x)
     assert args[1].shape == t.shape
 
@@ -110,7 +133,7 @@ def test_serial_batched_one_forward() -> None:
     args, kwargs = _inputs()
     calls: list[torch.Tensor] = []
     out = SerialBranchExecutor(batched=True).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise(calls)
+        split_branches(NAMES, args, kwargs, 4, KEYS), _elementwise(calls)
     )
     assert len(calls) == 1
     assert calls[0].shape[0] == 4
@@ -124,7 +147,7 @@ def test_serial_unbatched_one_forward_per_branch() -> None:
     args, kwargs = _inputs()
     calls: list[torch.Tensor] = []
     out = SerialBranchExecutor(batched=False).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise(calls)
+        split_branches(NAMES, args, kwargs, 4, KEYS), _elementwise(calls)
     )
     assert len(calls) == 2
     assert torch.equal(calls[0], args[0][:2]) and torch.equal(calls[1], args[0][2:])
@@ -135,10 +158,10 @@ def test_serial_unbatched_one_forward_per_branch() -> None:
 def test_batched_and_unbatched_agree() -> None:
     args, kwargs = _inputs()
     batched = SerialBranchExecutor(batched=True).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise([])
+        split_branches(NAMES, args, kwargs, 4, KEYS), _elementwise([])
     )
     serial = SerialBranchExecutor(batched=False).run(
-        split_branches(NAMES, args, kwargs, 4), _elementwise([])
+        split_branches(NAMES, args, kwargs, 4, KEYS), _elementwise([])
     )
     assert len(batched) == len(serial) == 2
     for a, b in zip(batched, serial):
@@ -149,7 +172,7 @@ def test_batched_single_branch_calls_once() -> None:
     x = torch.arange(3.0).reshape(3, 1)
     calls: list[torch.Tensor] = []
     branches = split_branches(
-        ("cond",), (x, torch.tensor(1.0)), {"encoder_hidden_states": torch.zeros(3, 1, 1)}, 3
+        ("cond",), (x, torch.tensor(1.0)), {"encoder_hidden_states": torch.zeros(3, 1, 1)}, 3, KEYS
     )
     (out,) = SerialBranchExecutor(batched=True).run(branches, _elementwise(calls))
     assert len(calls) == 1
@@ -159,8 +182,8 @@ def test_batched_single_branch_calls_once() -> None:
 def test_uneven_branches_concatenate_and_split_back() -> None:
     """An uncond branch restricted to some samples, next to a full cond branch."""
     args, kwargs = _inputs()
-    cond = split_branches(NAMES, args, kwargs, 4)[1]
-    uncond = split_branches(NAMES, args, kwargs, 4)[0].take([1])
+    cond = split_branches(NAMES, args, kwargs, 4, KEYS)[1]
+    uncond = split_branches(NAMES, args, kwargs, 4, KEYS)[0].take([1])
     assert uncond.size == 1 and torch.equal(uncond.args[0], args[0][1:2])
     calls: list[torch.Tensor] = []
     out = SerialBranchExecutor(batched=True).run([uncond, cond], _elementwise(calls))
@@ -172,8 +195,8 @@ def test_uneven_branches_concatenate_and_split_back() -> None:
 def test_two_call_sibling_branch_concatenates_shared_inputs() -> None:
     """Two-call pipelines pass the same latents object to both calls: still per-branch data."""
     x = torch.arange(4.0).reshape(2, 2)
-    cond = Branch("cond", (x, torch.tensor(1.0)), {"encoder_hidden_states": torch.ones(2, 1, 1)}, 2)
-    uncond = cond.with_inputs("uncond", encoder_hidden_states=torch.zeros(2, 1, 1))
+    cond = Branch("cond", (x, torch.tensor(1.0)), {"encoder_hidden_states": torch.ones(2, 1, 1)}, 2, KEYS)
+    uncond = cond.with_inputs("uncond", 0, encoder_hidden_states=torch.zeros(2, 1, 1))
     args, kwargs = concat_branches([cond, uncond])
     assert torch.equal(args[0], torch.cat([x, x]))
     assert torch.equal(kwargs["encoder_hidden_states"].flatten(), torch.tensor([1.0, 1, 0, 0]))

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from parallel.branches import SerialBranchExecutor
-from pipeline.denoiser import DenoiserHook, StepRecord
-from pipeline.families import CfgConvention
+from pipeline.denoiser import DenoiserHook
+from pipeline.families.base import CfgConvention
+from pipeline.samples import StepRecord
 
-SD = CfgConvention(batched=True, branch_order=("uncond", "cond"), denoisers=("unet",))
+SD = CfgConvention(denoisers=("unet",), calls=(("uncond", "cond"),),
+                   sample_keys=frozenset({"sample", "encoder_hidden_states"}), latents_key="sample")
 
 
 class TinyUNet(torch.nn.Module):
@@ -166,9 +168,8 @@ def test_tensor_output_module() -> None:
         transformer = None
 
     pipe = Pipe()
-    conv = CfgConvention(
-        batched=True, branch_order=("uncond", "cond"), denoisers=("unet", "transformer")
-    )
+    conv = CfgConvention(denoisers=("unet", "transformer"), calls=(("uncond", "cond"),),
+                         sample_keys=frozenset({"sample"}), latents_key="sample")
     x = torch.arange(4.0)
     with DenoiserHook(pipe, conv, SerialBranchExecutor(batched=False)).intercept(
         batch=2, guidance=True
@@ -181,10 +182,14 @@ def test_tensor_output_module() -> None:
 
 
 def test_two_call_convention_needs_the_uncond_inputs() -> None:
-    conv = CfgConvention(batched=False, branch_order=("cond", "uncond"), denoisers=("unet",))
-    hook = DenoiserHook(FakePipe(), conv, SerialBranchExecutor(batched=True))
-    with pytest.raises(ValueError, match="uncond_inputs"), hook.intercept(batch=1, guidance=True):
-        pass
+    conv = CfgConvention(denoisers=("unet",), calls=(("cond",), ("uncond",)),
+                         sample_keys=frozenset({"sample", "encoder_hidden_states"}), latents_key="sample")
+    pipe = FakePipe()
+    pipe.scheduler = type("S", (), {"timesteps": torch.arange(2)})()
+    hook = DenoiserHook(pipe, conv, SerialBranchExecutor(batched=True))
+    x, e = _inputs(1)
+    with pytest.raises(ValueError, match="uncond of a later call has no inputs"), hook.intercept(batch=1, guidance=True):
+        pipe.unet(x[:1], torch.tensor(5), encoder_hidden_states=e[:1])
 
 
 class NanUNet(TinyUNet):

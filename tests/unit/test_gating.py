@@ -13,14 +13,15 @@ import torch
 
 from parallel.branches import CfgParallelExecutor, SerialBranchExecutor
 from pipeline.denoiser import DenoiserHook
-from pipeline.families import CfgConvention
+from pipeline.families.base import CfgConvention
 from pipeline.gating import CfgGate, gate_step
 from tests.unit.test_cfg_parallel import run_group
 
-ONE_CALL = CfgConvention(batched=True, branch_order=("uncond", "cond"),
-                         denoisers=("transformer", "transformer_2"))  # fmt: skip
-TWO_CALL = CfgConvention(batched=False, branch_order=("cond", "uncond"),
-                         denoisers=("transformer", "transformer_2"))  # fmt: skip
+_SAMPLE_KEYS = frozenset({"sample", "encoder_hidden_states"})
+ONE_CALL = CfgConvention(denoisers=("transformer", "transformer_2"), calls=(("uncond", "cond"),),
+                         sample_keys=_SAMPLE_KEYS, latents_key="sample")  # fmt: skip
+TWO_CALL = CfgConvention(denoisers=("transformer", "transformer_2"), calls=(("cond",), ("uncond",)),
+                         sample_keys=_SAMPLE_KEYS, latents_key="sample", merge_calls=True)  # fmt: skip
 NEG = torch.zeros(1, 3, 2)  # the negative embeddings of one sample (positive: ones)
 
 
@@ -63,8 +64,8 @@ class LoopPipe:
     def convention(self) -> CfgConvention:
         return TWO_CALL if self.two_call else ONE_CALL
 
-    def uncond_inputs(self, b: int) -> dict[str, torch.Tensor] | None:
-        return {"encoder_hidden_states": NEG.expand(b, -1, -1)} if self.two_call else None
+    def branch_inputs(self, b: int) -> dict[str, dict[str, torch.Tensor]] | None:
+        return {"uncond": {"encoder_hidden_states": NEG.expand(b, -1, -1)}} if self.two_call else None
 
     def __call__(self, x: torch.Tensor, s: float) -> list[torch.Tensor]:
         b = x.shape[0]
@@ -89,7 +90,7 @@ class LoopPipe:
 def _hook(pipe: LoopPipe, executor, **kw):  # noqa: ANN001, ANN003, ANN202
     batch = kw.pop("batch")
     return DenoiserHook(pipe, pipe.convention, executor).intercept(
-        batch=batch, guidance=True, uncond_inputs=pipe.uncond_inputs(batch), **kw
+        batch=batch, guidance=True, branch_inputs=pipe.branch_inputs(batch), **kw
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.prompts import truncation_warnings
-from pipeline.smoke_models import _byte_level_vocab
+from pipeline.smoke.tokenizers import byte_level_vocab
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def clip(tmp_path_factory: pytest.TempPathFactory):  # -> CLIPTokenizer
     from transformers import CLIPTokenizer
 
     d = tmp_path_factory.mktemp("tok")
-    (d / "vocab.json").write_text(json.dumps(_byte_level_vocab()))
+    (d / "vocab.json").write_text(json.dumps(byte_level_vocab()))
     (d / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer.from_pretrained(Path(d), model_max_length=77)
 

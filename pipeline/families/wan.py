@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.conventions import CfgConvention, Conditioning
+from pipeline.families.base import CfgConvention, Conditioning, Family
 from pipeline.prompts import truncation_warnings
-from pipeline.smoke_models import GEN_DEFAULTS_FILE
+from pipeline.smoke import GEN_DEFAULTS_FILE
 
 MAX_SEQUENCE_LENGTH = 512
 """Text tokens per prompt: WanPipeline.__call__'s default (its encode_prompt defaults to 226)."""
@@ -34,24 +34,28 @@ NATIVE_NUM_FRAMES = 81
 """WanPipeline's default num_frames (5 s at 16 fps)."""
 
 
-class WanFamily:
+class WanFamily(Family):
     """WanPipeline: two denoiser calls per step, cond first; Wan 2.2 switches expert mid-run."""
 
+    pipeline_classes = ("WanPipeline",)
     convention = CfgConvention(
-        batched=False, branch_order=("cond", "uncond"), denoisers=("transformer", "transformer_2")
+        denoisers=("transformer", "transformer_2"),
+        calls=(("cond",), ("uncond",)),
+        # timestep is (B,) (or (B, seq) with expand_timesteps); attention_kwargs shared.
+        sample_keys=frozenset({"hidden_states", "timestep", "encoder_hidden_states"}),
+        latents_key="hidden_states",
+        merge_calls=True,  # gen's behaviour since Wan support: cond and uncond in one forward
     )
-    cond_kwarg = "encoder_hidden_states"
-    """The denoiser argument that carries the text conditioning."""
     output_kind = "video"
-    """"image" (PIL images from decode) or "video" (frame arrays)."""
+    call_defaults = {"num_inference_steps": 50, "guidance_scale": 5.0}
 
     def __init__(self, pipe: Any) -> None:
-        self.pipe = pipe
+        super().__init__(pipe)
         self._defaults = _model_defaults(pipe)
 
-    @property
-    def denoiser_names(self) -> tuple[str, ...]:
-        return self.convention.denoisers
+    def branch_inputs(self, cond: Conditioning) -> dict[str, dict[str, Any]]:
+        """The uncond call differs from the cond call only in its text embeddings."""
+        return {"uncond": {"encoder_hidden_states": cond.uncond["negative_prompt_embeds"]}} if cond.uncond else {}
 
     @property
     def size_multiple(self) -> int:
@@ -115,7 +119,8 @@ class WanFamily:
             max_sequence_length=MAX_SEQUENCE_LENGTH,
             device=self.pipe._execution_device,
         )
-        return Conditioning(prompt_embeds, negative if guidance else None)
+        return Conditioning({"prompt_embeds": prompt_embeds},
+                            {"negative_prompt_embeds": negative} if guidance else None)
 
     def denoise(
         self,
@@ -147,8 +152,7 @@ class WanFamily:
         """
         del guidance_rescale  # WanPipeline has no guidance_rescale
         return self.pipe(
-            prompt_embeds=cond.prompt_embeds_BLD,
-            negative_prompt_embeds=cond.negative_prompt_embeds_BLD,
+            **cond.pipe_kwargs,
             height=height,
             width=width,
             num_frames=num_frames or self.default_num_frames,
@@ -160,7 +164,7 @@ class WanFamily:
         )[0]
 
     @torch.no_grad()
-    def decode(self, latents_BCFHW: torch.Tensor) -> list[np.ndarray]:
+    def decode(self, latents_BCFHW: torch.Tensor, *, height: int, width: int) -> list[np.ndarray]:
         """Decode stage: latents -> frames with the pipeline's own VAE and video processor.
 
         The same steps as the end of WanPipeline.__call__ (un-normalize with the VAE's
@@ -172,6 +176,7 @@ class WanFamily:
         Returns:
             B arrays, each (F, H, W, 3) uint8 RGB.
         """
+        del height, width  # follow from the latents
         vae = self.pipe.vae
         latents = latents_BCFHW.to(next(vae.parameters()).device, dtype=vae.dtype)
         view = (1, vae.config.z_dim, 1, 1, 1)
@@ -192,3 +197,6 @@ def _model_defaults(pipe: Any) -> dict[str, int]:
     if path is None or not path.is_file():
         return {}
     return json.loads(path.read_text())
+
+
+FAMILY = WanFamily

@@ -1,9 +1,5 @@
-"""Supported pipeline families: their CFG calling convention and their three stages.
-
-Each family declares how its stock diffusers pipeline calls the denoiser under classifier-free
-guidance (one concatenated call, or one call per branch), which modules are denoisers, and how
-to run encode / denoise / decode as separate steps (later: separate roles). Pipeline code stays
-diffusers' own; only the denoiser call is intercepted (pipeline/denoiser.py).
+"""Stable Diffusion 1.x / 2.x (StableDiffusionPipeline): one UNet call per step on
+[uncond; cond], uncond first (diffusers pipelines/stable_diffusion/pipeline_stable_diffusion.py).
 
 Shape legend: B = images in the micro-batch, L = text tokens, D = text hidden size,
 C/H/W = latent channels and size.
@@ -16,25 +12,22 @@ from typing import Any
 
 import torch
 
-from pipeline.conventions import CfgConvention, Conditioning
+from pipeline.families.base import CfgConvention, Conditioning, Family
 from pipeline.prompts import truncation_warnings
-from pipeline.wan import WanFamily
-
-__all__ = ["FAMILIES", "CfgConvention", "Conditioning", "StableDiffusionFamily", "WanFamily",
-           "UnsupportedPipelineError", "family_for"]  # fmt: skip
 
 
-class StableDiffusionFamily:
+class StableDiffusionFamily(Family):
     """StableDiffusionPipeline: one UNet call per step on [uncond; cond] (uncond first)."""
 
-    convention = CfgConvention(batched=True, branch_order=("uncond", "cond"), denoisers=("unet",))
-    cond_kwarg = "encoder_hidden_states"
-    """The denoiser argument that carries the text conditioning."""
-    output_kind = "image"
-    """"image" (PIL images from decode) or "video" (frame arrays)."""
-
-    def __init__(self, pipe: Any) -> None:
-        self.pipe = pipe
+    pipeline_classes = ("StableDiffusionPipeline",)
+    convention = CfgConvention(
+        denoisers=("unet",),
+        calls=(("uncond", "cond"),),
+        # timestep is 0-d (shared); timestep_cond is None under CFG; cross_attention_kwargs shared.
+        sample_keys=frozenset({"sample", "encoder_hidden_states"}),
+        latents_key="sample",
+    )
+    call_defaults = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
     @property
     def size_multiple(self) -> int:
@@ -46,10 +39,6 @@ class StableDiffusionFamily:
         """The model's native resolution in pixels (UNet sample_size x VAE scale factor)."""
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
-    @property
-    def denoiser_names(self) -> tuple[str, ...]:
-        return self.convention.denoisers
-
     def encode(
         self, prompts: Sequence[str], negative_prompts: Sequence[str], *, guidance: bool
     ) -> Conditioning:
@@ -60,7 +49,7 @@ class StableDiffusionFamily:
             negative_prompts: B negative prompts ("" = the unconditional embedding).
             guidance: whether negative embeddings are needed (guidance_scale > 1).
         Returns:
-            Conditioning with (B, L, D) embeddings.
+            Conditioning with (B, L, D) ``prompt_embeds`` and ``negative_prompt_embeds``.
         """
         prompt_embeds, negative = self.pipe.encode_prompt(
             list(prompts),
@@ -69,7 +58,8 @@ class StableDiffusionFamily:
             guidance,
             list(negative_prompts) if guidance else None,
         )
-        return Conditioning(prompt_embeds, negative if guidance else None)
+        return Conditioning({"prompt_embeds": prompt_embeds},
+                            {"negative_prompt_embeds": negative} if guidance else None)
 
     def prompt_warnings(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> list[str | None]:
         """Per prompt, a warning if CLIP truncates it or its negative prompt (pipeline.prompts)."""
@@ -102,8 +92,7 @@ class StableDiffusionFamily:
             Latents (B, C, H/8, W/8), still scaled by the VAE scaling factor.
         """
         return self.pipe(
-            prompt_embeds=cond.prompt_embeds_BLD,
-            negative_prompt_embeds=cond.negative_prompt_embeds_BLD,
+            **cond.pipe_kwargs,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
@@ -114,36 +103,16 @@ class StableDiffusionFamily:
             return_dict=False,
         )[0]
 
-    def decode(self, latents_BCHW: torch.Tensor) -> list[Any]:
+    def decode(self, latents_BCHW: torch.Tensor, *, height: int, width: int) -> list[Any]:
         """Decode stage: latents -> PIL images with the pipeline's own VAE and image processor.
 
-        The safety checker is not run (datasets are filtered downstream).
+        The safety checker is not run (datasets are filtered downstream). ``height`` and
+        ``width`` (the requested pixels) follow from the latents here.
         """
+        del height, width
         vae = self.pipe.vae
         image = vae.decode(latents_BCHW / vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil")
 
 
-
-FAMILIES: dict[str, type[StableDiffusionFamily] | type[WanFamily]] = {
-    "StableDiffusionPipeline": StableDiffusionFamily,
-    "WanPipeline": WanFamily,
-}
-
-
-class UnsupportedPipelineError(ValueError):
-    """The loaded pipeline class has no declared CFG convention."""
-
-
-def family_for(pipe: Any) -> StableDiffusionFamily | WanFamily:
-    """The family adapter of a loaded pipeline.
-
-    Raises:
-        UnsupportedPipelineError: the class is not supported; the message lists those that are.
-    """
-    cls = type(pipe).__name__
-    if cls not in FAMILIES:
-        raise UnsupportedPipelineError(
-            f"pipeline class {cls} is not supported; supported: {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[cls](pipe)
+FAMILY = StableDiffusionFamily

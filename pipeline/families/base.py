@@ -1,0 +1,122 @@
+"""What a pipeline family is described by: how its stock pipeline calls the denoiser under
+guidance (CfgConvention), what its encode stage hands the pipeline (Conditioning), and the
+defaults and checks every family shares (Family).
+
+A family file (pipeline/families/<name>.py) subclasses Family for the pipeline classes it
+serves and sets ``FAMILY = ThatClass``; the registry (pipeline.families) finds it. Nothing
+outside the family's file knows anything about the family.
+
+Shape legend: B = images in the micro-batch, L = text tokens, D = text hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+Calls = tuple[tuple[str, ...], ...]
+"""The denoiser calls of one step, in call order; each call's branches in dim-0 order."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CfgConvention:
+    """How a stock pipeline calls its denoiser(s) (see ../shared/FAMILIES.md, Tables 1 and 2).
+
+    The argument map is explicit: ``sample_keys`` names the denoiser arguments whose dim 0 is
+    the sample (2B in a batched call, branch-major), by keyword name or nested dict key
+    (``"added_cond_kwargs.text_embeds"``); every other argument is shared by the branches and
+    the samples. Positional arguments are bound to their names first, so the map never
+    depends on how a pipeline happens to pass them.
+    """
+
+    denoisers: tuple[str, ...]
+    """Pipeline attributes holding denoiser modules, e.g. ("unet",)."""
+    calls: Calls
+    """The calls of a guided step: SD (("uncond", "cond"),) is one batched call, uncond first;
+    Wan (("cond",), ("uncond",)) is two calls, cond first."""
+    sample_keys: frozenset[str]
+    """Per-sample denoiser arguments (see the class docstring)."""
+    latents_key: str
+    """The denoiser argument holding the latents: its dim 0 is the call's batch."""
+    merge_calls: bool = False
+    """With cfg batching, run the branches of different calls of a step as one forward (faster,
+    but not the pipeline's own forwards: rounding differs); False runs each call's forward as
+    the pipeline would."""
+
+    @property
+    def branch_order(self) -> tuple[str, ...]:
+        """Every branch of a guided step, in call order."""
+        return tuple(name for call in self.calls for name in call)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Output of the encode stage for one micro-batch: the embedding keyword arguments of the
+    pipeline call, one row per image, e.g. ``{"prompt_embeds": (B, L, D)}`` and
+    ``{"negative_prompt_embeds": (B, L, D)}``. None values (Qwen-Image's all-ones masks) are
+    kept as None."""
+
+    cond: dict[str, torch.Tensor | None]
+    uncond: dict[str, torch.Tensor | None] | None = None
+    """None when guidance is off."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further per-call values the family computed with the embeddings (not selected by row)."""
+
+    def select(self, index: Sequence[int]) -> Conditioning:
+        """Rows ``index`` of every embedding (one row per image)."""
+        def pick(d: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+            return {k: None if v is None else v.index_select(0, torch.as_tensor(list(index), device=v.device))
+                    for k, v in d.items()}  # fmt: skip
+
+        return Conditioning(pick(self.cond), None if self.uncond is None else pick(self.uncond), self.extra)
+
+    @property
+    def pipe_kwargs(self) -> dict[str, torch.Tensor | None]:
+        """Every embedding, as keyword arguments of the pipeline call."""
+        return {**self.cond, **(self.uncond or {})}
+
+
+class Family:
+    """Shared parts of a family adapter; a family file fills in the class attributes and the
+    stages it needs.
+
+    Args:
+        pipe: a loaded pipeline of one of ``pipeline_classes``.
+    """
+
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    """diffusers pipeline class names this family serves."""
+    convention: ClassVar[CfgConvention]
+    output_kind: ClassVar[str] = "image"
+    """"image" (PIL images from decode) or "video" (frame arrays)."""
+    call_defaults: ClassVar[dict[str, Any]] = {}
+    """The pipeline's own ``__call__`` defaults gen uses when a job does not set them
+    (num_inference_steps, guidance_scale, ...), checked against diffusers by a test."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    @property
+    def denoiser_names(self) -> tuple[str, ...]:
+        return self.convention.denoisers
+
+    def step_calls(self, step: int, num_steps: int, guidance: bool) -> Calls:
+        """The denoiser calls of step ``step`` (0-based) of ``num_steps``: the guided calls of
+        the convention, or one cond call without guidance."""
+        del step, num_steps
+        return self.convention.calls if guidance else (("cond",),)
+
+    def branch_inputs(self, cond: Conditioning) -> dict[str, dict[str, Any]]:
+        """For each branch the pipeline computes in a later call of the step than its first,
+        the denoiser arguments that differ from the cond branch's (two-call pipelines: the
+        negative embeddings). The intercept runs those branches at the step's first call."""
+        del cond
+        return {}
+
+    def prompt_warnings(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> list[str | None]:
+        """Per prompt, a warning if the text encoder truncates it (none by default)."""
+        del negative_prompts
+        return [None] * len(prompts)
