@@ -26,8 +26,13 @@ def main() -> None:
 @click.option("--out", type=click.Path(), help="Output directory [default: MANIFEST-gen/ beside it].")
 @click.option("--model", help="Built-in tiny-sd / small-sd, a local diffusers directory, or a hub id [default: tiny-sd].")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
-@click.option("--steps", "num_inference_steps", type=int, default=50, show_default=True, help="num_inference_steps.")
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True, help="CFG scale; <= 1 disables guidance.")
+@click.option("--steps", "num_inference_steps", type=int, help="num_inference_steps [default: the pipeline's own: SD 50, SDXL 50, SD3 28, Flux 28, PixArt-Sigma 20, Qwen-Image 50].")
+@click.option("--guidance-scale", type=float, help="CFG scale; <= 1 disables guidance; Flux: its distilled guidance [default: the pipeline's own: SD 7.5, SDXL 5, SD3 7, Flux 3.5, PixArt-Sigma 4.5].")
+@click.option("--true-cfg-scale", type=float, help="Real CFG over the negative prompt for pipelines that have it beside a distilled guidance (Flux, Qwen-Image); > 1 turns it on [default: the pipeline's own: Flux 1, Qwen-Image 4].")
+@click.option("--skip-guidance-layers", help="SD3 skip-layer guidance: comma-separated transformer blocks skipped in the extra cond_skip branch, e.g. 7,8,9 [default: off].")
+@click.option("--skip-layer-guidance-scale", type=float, help="SD3: scale of the skip-layer term [default: the pipeline's, 2.8].")
+@click.option("--skip-layer-guidance-start", type=float, help="SD3: fraction of the steps where skip-layer guidance starts [default: 0.01].")
+@click.option("--skip-layer-guidance-stop", type=float, help="SD3: fraction of the steps where it stops [default: 0.2].")
 @click.option("--cfg-gate-step", type=float, default=1.0, show_default=True, help="Fraction F in [0, 1] of the steps after which the uncond forward is skipped and rebuilt from the cached delta; 1 = off.")
 @click.option("--cfg-gate-cosine", type=float, help="Adaptive gating: a sample stops running the uncond forward once the cosine similarity of its cond and uncond predictions reaches this, in [-1, 1] [default: off].")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="diffusers' guidance_rescale in [0, 1].")
@@ -70,6 +75,7 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
     use_slurm = options.pop("slurm")
     try:
         slurm = _slurm_options(slurm_args) if use_slurm else _no_slurm(slurm_args)
+        options["skip_guidance_layers"] = _layers(options["skip_guidance_layers"])
         config = BatchConfig(manifest=manifest, out=out or default_out_dir(manifest), **options)  # type: ignore[arg-type]
         if dry_run:
             from jobs.dry_run import format_plan, plan_dry_run
@@ -201,6 +207,21 @@ def _no_slurm(args: dict[str, object]) -> None:
             option = "--time" if key == "time_limit" else "--" + key.replace("_", "-")
             raise JobError(f"{option} needs --slurm (without it the job runs on this node)")
     return None
+
+
+def _layers(text: object) -> tuple[int, ...] | None:
+    """``--skip-guidance-layers 7,8,9`` -> (7, 8, 9).
+
+    Raises:
+        JobError: not comma-separated integers.
+    """
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise JobError(f"--skip-guidance-layers {text!r} is invalid: comma-separated block indices, "
+                       "e.g. 7,8,9") from None
 
 
 def _seconds(value: float | None) -> str:

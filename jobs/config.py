@@ -25,10 +25,22 @@ class BatchConfig:
     """Built-in name, local diffusers directory or hub id; None = tiny-sd."""
     dtype: str = "auto"
     """auto = bfloat16 on GPU, float32 on CPU."""
-    num_inference_steps: int = 50
-    """Scheduler steps, >= 1."""
-    guidance_scale: float = 7.5
-    """CFG scale s >= 0; <= 1 disables guidance (no unconditional forward)."""
+    num_inference_steps: int | None = None
+    """Scheduler steps, >= 1; None = the pipeline's own default (SD 50, Flux 28, PixArt 20...)."""
+    guidance_scale: float | None = None
+    """CFG scale s >= 0; <= 1 disables guidance (no unconditional forward); None = the
+    pipeline's own default (SD 7.5, SDXL 5, Flux's distilled guidance 3.5...)."""
+    true_cfg_scale: float | None = None
+    """diffusers' true_cfg_scale >= 0 of pipelines with real CFG over a negative prompt beside a
+    distilled guidance (Flux, Qwen-Image); None = the pipeline's default."""
+    skip_guidance_layers: tuple[int, ...] | None = None
+    """SD3's skip-layer guidance: transformer blocks skipped in the "cond_skip" branch, >= 0."""
+    skip_layer_guidance_scale: float | None = None
+    """SD3: scale of the skip-layer term, >= 0; None = the pipeline's default (2.8)."""
+    skip_layer_guidance_start: float | None = None
+    """SD3: fraction of the steps in [0, 1] where skip-layer guidance starts (default 0.01)."""
+    skip_layer_guidance_stop: float | None = None
+    """SD3: fraction of the steps in [0, 1] where it stops (default 0.2)."""
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1] (sglang's cfg_gate_step): from step int(steps * F) on,
     the uncond forward is skipped and rebuilt from the cached cond - uncond delta; 1.0 = off."""
@@ -55,7 +67,7 @@ class BatchConfig:
     """Ranks on this node (one per GPU; CPU ranks when there is no GPU), >= 1."""
     cfg_parallel_size: int | None = None
     """Ranks of a CFG group (sglang's --cfg-parallel-size); gpus = dp x cfg. None = 2 when gpus
-    is even and guidance_scale > 1, else 1 (resolved on construction)."""
+    is even and guidance is on (guidance_scale None or > 1), else 1 (resolved on construction)."""
     cfg_batching: bool = True
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
     collective_timeout_s: float = 300.0
@@ -67,8 +79,19 @@ class BatchConfig:
                 raise JobError(f"{option} {value!r} is invalid: {allowed}")
 
         need(self.dtype in DTYPES, "--dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        need(self.num_inference_steps >= 1, "--steps", self.num_inference_steps, "must be >= 1")
-        need(self.guidance_scale >= 0, "--guidance-scale", self.guidance_scale, "must be >= 0")
+        need(self.num_inference_steps is None or self.num_inference_steps >= 1, "--steps",
+             self.num_inference_steps, "must be >= 1")  # fmt: skip
+        for option, value in (("--guidance-scale", self.guidance_scale), ("--true-cfg-scale", self.true_cfg_scale),
+                              ("--skip-layer-guidance-scale", self.skip_layer_guidance_scale)):  # fmt: skip
+            need(value is None or (math.isfinite(value) and value >= 0), option, value, "must be >= 0")
+        for option, value in (("--skip-layer-guidance-start", self.skip_layer_guidance_start),
+                              ("--skip-layer-guidance-stop", self.skip_layer_guidance_stop)):  # fmt: skip
+            need(value is None or 0 <= value <= 1, option, value, "must be in [0, 1]")
+        if self.skip_guidance_layers is not None:
+            layers = tuple(self.skip_guidance_layers)
+            need(bool(layers) and all(isinstance(i, int) and i >= 0 for i in layers), "--skip-guidance-layers",
+                 ",".join(map(str, layers)), "comma-separated block indices >= 0")  # fmt: skip
+            object.__setattr__(self, "skip_guidance_layers", layers)
         need(0 <= self.cfg_gate_step <= 1, "--cfg-gate-step", self.cfg_gate_step, "must be in [0, 1]")
         need(self.cfg_gate_cosine is None or -1 <= self.cfg_gate_cosine <= 1, "--cfg-gate-cosine",
              self.cfg_gate_cosine, "must be in [-1, 1]")  # fmt: skip
@@ -91,7 +114,8 @@ class BatchConfig:
         need(0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2**63)")
         need(self.gpus >= 1, "--gpus", self.gpus, "must be >= 1")
         if self.cfg_parallel_size is None:
-            k = default_cfg_size(self.gpus, guidance=self.guidance_scale > 1)
+            guided = self.guidance_scale is None or self.guidance_scale > 1 or (self.true_cfg_scale or 0) > 1
+            k = default_cfg_size(self.gpus, guidance=guided)
             object.__setattr__(self, "cfg_parallel_size", k)
         need(self.cfg_parallel_size >= 1, "--cfg-parallel-size", self.cfg_parallel_size, ">= 1")
         try:
@@ -128,6 +152,14 @@ class BatchConfig:
         keep = (
             "model", "dtype", "num_inference_steps", "num_frames", "guidance_scale", "guidance_rescale",
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
-            "cfg_batching", "cfg_gate_step", "cfg_gate_cosine",
+            "cfg_batching", "cfg_gate_step", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
+            "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
         )  # fmt: skip
-        return {k: v for k, v in self.to_dict().items() if k in keep}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.to_dict().items() if k in keep}
+
+    def family_options(self) -> dict[str, Any]:
+        """Options only some pipeline families take (diffusers' names), those that are set: the
+        ranks hand them to the family, which refuses those it does not take."""
+        names = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
+                 "skip_layer_guidance_stop")  # fmt: skip
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}

@@ -239,7 +239,7 @@ def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
         f"{plan.shards_held:,} held by queued tasks, {plan.shards_to_run:,} to run"
         + (f" ({plan.shards_reopened:,} reopened by --retry-errors)" if plan.shards_reopened else ""),
         f"work: {plan.micro_batches:,} micro-batch(es) of <= {config.batch_size} prompts, "
-        f"{plan.images:,} image(s); {config.num_inference_steps} steps",
+        f"{plan.images:,} image(s); {config.num_inference_steps or 'the model' + chr(39) + 's default'} steps",
         f"out: {plan.out}: {plan.out_state}; a real run would write {Path(plan.out) / 'job.json'}",
     ]
     if plan.max_row_group_rows > plan.shard_size:

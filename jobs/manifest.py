@@ -34,6 +34,7 @@ KNOWN_COLUMNS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "width": (_is_int, "integer"),
     "num_images": (_is_int, "integer"),
     "cfg_gate_step": (_is_num, "number in [0, 1]"),
+    "true_cfg_scale": (_is_num, "number"),
 }
 
 RESERVED_COLUMNS = (

@@ -24,6 +24,8 @@ class GenerationDefaults:
     width: int
     num_inference_steps: int
     guidance_scale: float
+    true_cfg_scale: float | None = None
+    """None when the model's pipeline has no true CFG (a row's true_cfg_scale is then an error)."""
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1]; 1.0 = off."""
     num_frames: int | None = None
@@ -58,6 +60,7 @@ def _check_row(row: dict[str, Any], d: GenerationDefaults) -> tuple[dict[str, An
         "guidance_scale": float(pick("guidance_scale", d.guidance_scale)),
         "num_images": pick("num_images", d.images_per_prompt),
         "cfg_gate_step": float(pick("cfg_gate_step", d.cfg_gate_step)),
+        "true_cfg_scale": pick("true_cfg_scale", d.true_cfg_scale),
     }
     prompt = row.get("prompt")
     problems = []
@@ -74,6 +77,11 @@ def _check_row(row: dict[str, Any], d: GenerationDefaults) -> tuple[dict[str, An
         problems.append(f"guidance_scale {v['guidance_scale']} must be a finite number >= 0")
     if not 0.0 <= v["cfg_gate_step"] <= 1.0:  # also false for NaN
         problems.append(f"cfg_gate_step {v['cfg_gate_step']} must be in [0, 1]")
+    tcs = v["true_cfg_scale"]
+    if row.get("true_cfg_scale") is not None and d.true_cfg_scale is None:
+        problems.append("true_cfg_scale is set, but this model's pipeline has no true CFG (it uses guidance_scale)")
+    elif tcs is not None and not (math.isfinite(tcs) and tcs >= 0):
+        problems.append(f"true_cfg_scale {tcs} must be a finite number >= 0")
     if v["num_images"] < 1:
         problems.append(f"num_images {v['num_images']} must be >= 1")
     if row.get("seed") is not None and not 0 <= row["seed"] < SEED_LIMIT:
@@ -112,6 +120,7 @@ def plan_rows(table: pa.Table, first_row: int, defaults: GenerationDefaults) -> 
                 width=v["width"],
                 num_inference_steps=v["num_inference_steps"],
                 guidance_scale=v["guidance_scale"],
+                true_cfg_scale=None if v["true_cfg_scale"] is None or d.true_cfg_scale is None else float(v["true_cfg_scale"]),
                 cfg_gate_step=v["cfg_gate_step"],
                 num_frames=defaults.num_frames,
             )

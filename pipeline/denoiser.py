@@ -103,14 +103,18 @@ def _prediction(output: Any) -> torch.Tensor:
     return output[0]
 
 
-def bind_arguments(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call as keyword arguments named by ``forward``'s signature, so that a family's
-    argument map does not depend on which arguments a pipeline passes positionally. A forward
-    that takes ``*args`` (a wrapper) keeps its positional arguments."""
+def bind_arguments(signature: inspect.Signature | None, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call as keyword arguments named by the module's own ``forward`` signature, so that a
+    family's argument map does not depend on which arguments a pipeline passes positionally.
+    The module's class forward names them even when an instance forward is wrapped (a hook's
+    ``(*args, **kwargs)``), and every wrapper passes keywords through. A signature that cannot
+    bind the call (or none) leaves it as it is."""
+    if signature is None:
+        return args, kwargs
     try:
-        signature = inspect.signature(forward)
         bound = signature.bind(*args, **kwargs)
-    except (TypeError, ValueError):
+    except TypeError:
         return args, kwargs
     named: dict[str, Any] = {}
     rest: tuple[Any, ...] = ()
@@ -125,6 +129,14 @@ def bind_arguments(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         else:
             named[name] = value
     return rest, named
+
+
+def _forward_signature(module: Any) -> inspect.Signature | None:
+    """The signature of the module class's own forward, without self; None if unreadable."""
+    try:
+        return inspect.signature(type(module).forward.__get__(module, type(module)))
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 StepCalls = Callable[[int, int, bool], Calls]
@@ -178,8 +190,8 @@ class DenoiserHook:
         ]
         saved = [module.__dict__.get("forward") for _, module in modules]
         for name, module in modules:
-            module.forward = self._wrap(name, module.forward, batch, guidance, trace,
-                                        branch_inputs or {})  # fmt: skip
+            module.forward = self._wrap(name, module.forward, _forward_signature(module), batch, guidance,
+                                        trace, branch_inputs or {})  # fmt: skip
         try:
             yield trace
         finally:
@@ -189,8 +201,8 @@ class DenoiserHook:
                 else:
                     module.forward = prior
 
-    def _wrap(self, name: str, forward: Any, batch: int, guidance: bool, trace: DenoiseTrace,
-              branch_inputs: dict[str, dict[str, Any]]):  # fmt: skip
+    def _wrap(self, name: str, forward: Any, signature: inspect.Signature | None, batch: int,
+              guidance: bool, trace: DenoiseTrace, branch_inputs: dict[str, dict[str, Any]]):  # fmt: skip
         conv = self.convention
         pending: list[tuple[int, torch.Tensor]] = []  # later calls of this step: (batch, prediction)
 
@@ -198,14 +210,14 @@ class DenoiserHook:
             return_dict = kwargs.get("return_dict", True)
             if pending:  # a later call of the step, already computed at its first call
                 size, prediction = pending.pop(0)
-                rest, named = bind_arguments(forward, args, kwargs)
+                rest, named = bind_arguments(signature, args, kwargs)
                 got = named.get(conv.latents_key)
                 if isinstance(got, torch.Tensor) and got.shape[0] != size:
                     raise RuntimeError(f"{name} called with batch {got.shape[0]}, expected {size} "
                                        "(the pipeline made a call its family did not declare)")  # fmt: skip
                 return _rebuild(None, prediction, return_dict)
             start = time.perf_counter()
-            rest, named = bind_arguments(forward, args, kwargs)
+            rest, named = bind_arguments(signature, args, kwargs)
             step = len(trace.steps)
             timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
             num_steps = 0 if timesteps is None else len(timesteps)

@@ -110,7 +110,7 @@ class StageRunner:
     @torch.inference_mode()
     def _run(self, requests: Sequence[SampleRequest], decode: Sequence[bool]) -> list[SampleResult]:
         first = requests[0]
-        guidance = first.guidance_scale > 1.0
+        guidance = self.family.guided(first.guidance_scale, first.true_cfg_scale)
         with self.group.lockstep():
             # Encode each distinct (prompt, negative) once; images of one prompt share it.
             pairs = list(dict.fromkeys((r.prompt, r.negative_prompt) for r in requests))
@@ -121,6 +121,10 @@ class StageRunner:
                 [r.prompt for r in requests],
                 [r.negative_prompt if guidance else "" for r in requests],
             )
+            if not guidance and first.true_cfg_scale is not None:  # a family with true CFG, off
+                ignored = "negative_prompt ignored: true CFG is off (true_cfg_scale <= 1)"
+                warnings = [("; ".join(w for w in (warn, ignored) if w) if r.negative_prompt else warn)
+                            for warn, r in zip(warnings, requests)]  # fmt: skip
 
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
             start = time.perf_counter()
@@ -137,6 +141,7 @@ class StageRunner:
                     guidance_scale=first.guidance_scale,
                     guidance_rescale=self.guidance_rescale,
                     **({"num_frames": first.num_frames} if first.num_frames else {}),
+                    **({"true_cfg_scale": first.true_cfg_scale} if first.true_cfg_scale is not None else {}),
                 )
             denoise_s = time.perf_counter() - start
 

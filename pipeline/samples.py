@@ -48,6 +48,9 @@ class SampleRequest:
     width: int
     num_inference_steps: int
     guidance_scale: float
+    true_cfg_scale: float | None = None
+    """diffusers' true_cfg_scale of families with real CFG beside a distilled guidance (Flux,
+    Qwen-Image); None for the others."""
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1]: from step int(steps * F) on, uncond is rebuilt from the
     cached delta (pipeline.gating); 1.0 = off."""
@@ -55,10 +58,10 @@ class SampleRequest:
     """Video models: frames to generate; None for image models."""
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float, float, int | None]:
+    def batch_key(self) -> tuple[int, int, int, float, float | None, float, int | None]:
         """Requests may share a pipeline call only when these are equal."""
         return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                self.cfg_gate_step, self.num_frames)  # fmt: skip
+                self.true_cfg_scale, self.cfg_gate_step, self.num_frames)  # fmt: skip
 
 
 @dataclass

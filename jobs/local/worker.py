@@ -122,6 +122,10 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
                              cfg_gate_cosine=config.cfg_gate_cosine)  # fmt: skip
     except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
         raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
+    try:
+        runner.family.configure(**config.family_options())
+    except ValueError as exc:
+        raise JobError(f"--model {model.name}: {exc}") from None
     stats.load_s = time.perf_counter() - start
     failpoint("loaded")
 
@@ -137,11 +141,16 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         problem = family.check_num_frames(num_frames)
         if problem:
             raise JobError(f"--num-frames {num_frames}: {problem}")
+    own = family.call_defaults
+    if config.true_cfg_scale is not None and "true_cfg_scale" not in own:
+        raise JobError(f"--true-cfg-scale {config.true_cfg_scale:g}: {model.name} "
+                       f"({type(pipe).__name__}) has no true CFG; use --guidance-scale")  # fmt: skip
     defaults = GenerationDefaults(
         height=config.height or family.default_size,
         width=config.width or family.default_size,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
+        num_inference_steps=config.num_inference_steps or own.get("num_inference_steps", 50),
+        guidance_scale=own.get("guidance_scale", 7.5) if config.guidance_scale is None else config.guidance_scale,
+        true_cfg_scale=own.get("true_cfg_scale") if config.true_cfg_scale is None else config.true_cfg_scale,
         cfg_gate_step=config.cfg_gate_step,
         num_frames=num_frames,
         images_per_prompt=config.images_per_prompt,

@@ -19,7 +19,7 @@ from pipeline.samples import SampleResult
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
-RESOLVED_COLUMNS = ("seed", "width", "height", "num_inference_steps", "guidance_scale",
+RESOLVED_COLUMNS = ("seed", "width", "height", "num_inference_steps", "guidance_scale", "true_cfg_scale",
                     "cfg_gate_step", "num_frames")  # fmt: skip
 """Manifest override columns replaced in the output by the values actually used."""
 
@@ -34,6 +34,7 @@ _TAIL = [
     ("height", pa.int64()),
     ("num_inference_steps", pa.int64()),
     ("guidance_scale", pa.float64()),
+    ("true_cfg_scale", pa.float64()),
     ("cfg_gate_step", pa.float64()),
     ("fresh_uncond", pa.int64()),
     ("reused_uncond", pa.int64()),
@@ -163,6 +164,7 @@ def samples_table(
         cols["height"].append(req.height)
         cols["num_inference_steps"].append(req.num_inference_steps)
         cols["guidance_scale"].append(req.guidance_scale)
+        cols["true_cfg_scale"].append(req.true_cfg_scale)
         cols["cfg_gate_step"].append(req.cfg_gate_step)
         steps = r.steps if r is not None else []
         cols["fresh_uncond"].append(sum(s.uncond == "fresh" for s in steps))

@@ -103,6 +103,22 @@ class Family:
     def denoiser_names(self) -> tuple[str, ...]:
         return self.convention.denoisers
 
+    def configure(self, **options: Any) -> None:
+        """Take the job's family-specific options (BatchConfig.family_options: SD3's
+        skip_guidance_layers ...); a family takes none unless it says so.
+
+        Raises:
+            ValueError: an option this family does not take, named.
+        """
+        for name in options:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{option}: {type(self.pipe).__name__} does not take it")
+
+    def guided(self, guidance_scale: float, true_cfg_scale: float | None) -> bool:
+        """Whether a call runs guidance branches (an uncond): guidance_scale > 1 by default."""
+        del true_cfg_scale
+        return guidance_scale > 1.0
+
     def step_calls(self, step: int, num_steps: int, guidance: bool) -> Calls:
         """The denoiser calls of step ``step`` (0-based) of ``num_steps``: the guided calls of
         the convention, or one cond call without guidance."""

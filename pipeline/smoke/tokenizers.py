@@ -33,9 +33,10 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def clip_tokenizer(model_max_length: int = 77):  # -> transformers.CLIPTokenizer
+def clip_tokenizer(model_max_length: int = 77, **kwargs: str):  # -> transformers.CLIPTokenizer
     """A CLIP tokenizer over the byte-level vocabulary (any text, byte by byte; 514 entries),
-    built offline; ``model_max_length`` must be set (transformers defaults it to 1e30)."""
+    built offline; ``model_max_length`` must be set (transformers defaults it to 1e30). ``kwargs``:
+    further tokenizer settings, e.g. SDXL's second tokenizer pads with ``pad_token="!"``."""
     import tempfile
 
     from transformers import CLIPTokenizer
@@ -44,7 +45,7 @@ def clip_tokenizer(model_max_length: int = 77):  # -> transformers.CLIPTokenizer
         vocab = byte_level_vocab()
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length, **kwargs)
 
 
 _TOKENIZER_CORPUS = (
