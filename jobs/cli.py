@@ -115,7 +115,7 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
     )
     if summary.get("samples_warning"):
         click.echo(f"warnings: {summary['samples_warning']} sample(s) carry a warning (column "
-                   "`warning`: a prompt longer than the text encoder takes was truncated)")  # fmt: skip
+                   "`warning`: e.g. a prompt the text encoder truncated, or a negative prompt the pipeline ignores)")  # fmt: skip
     if summary["samples_error"]:
         from jobs.output.status import error_rows
 

@@ -53,10 +53,28 @@ def _job_record(config: BatchConfig, manifest: Manifest, model: ModelRef, thread
             "num_rows": manifest.num_rows,
             "fingerprint": manifest.fingerprint,
         },
+        "pipeline": _pipeline_record(model),
         "num_shards": num_shards(manifest.num_rows, config.shard_size or 1),
         "layout": _layout(config),
         "versions": _versions(),
     }
+
+
+def _pipeline_record(model: ModelRef) -> dict[str, Any] | None:
+    """The model's pipeline class and the defaults its family uses where the job sets none
+    (``--steps``, ``--guidance-scale``, ``--true-cfg-scale``; sizes are per row in the samples);
+    None when the class cannot be read here (a hub id) or has no family (the ranks say so)."""
+    index = Path(model.path) / "model_index.json"
+    if not index.is_file():
+        return None
+    from pipeline.families import UnsupportedPipelineError, family_class
+
+    name = json.loads(index.read_text()).get("_class_name")
+    try:
+        family = family_class(str(name))
+    except UnsupportedPipelineError:
+        return None
+    return {"class": name, "family": family.__name__, "defaults": dict(family.call_defaults)}
 
 
 def _layout(config: BatchConfig) -> dict[str, Any]:

@@ -120,7 +120,8 @@ def plan_rows(table: pa.Table, first_row: int, defaults: GenerationDefaults) -> 
                 width=v["width"],
                 num_inference_steps=v["num_inference_steps"],
                 guidance_scale=v["guidance_scale"],
-                true_cfg_scale=None if v["true_cfg_scale"] is None or d.true_cfg_scale is None else float(v["true_cfg_scale"]),
+                true_cfg_scale=None if v["true_cfg_scale"] is None or defaults.true_cfg_scale is None
+                else float(v["true_cfg_scale"]),
                 cfg_gate_step=v["cfg_gate_step"],
                 num_frames=defaults.num_frames,
             )

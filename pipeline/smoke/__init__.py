@@ -95,6 +95,7 @@ def ensure_smoke_model(name: str, cache_dir: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
+        _quiet()
         model.build(tmp / "model")
         try:
             os.rename(tmp / "model", final)
@@ -104,3 +105,12 @@ def ensure_smoke_model(name: str, cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _quiet() -> None:
+    """No save_pretrained progress bars while a built-in model is written."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
