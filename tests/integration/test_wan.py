@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loading import load_pipeline, resolve_model
 from pipeline.families.wan import WanFamily
+from pipeline.loading import load_pipeline, resolve_model
 
 PROMPTS = ["a cat", "a lighthouse at dusk"]
 SIZE = {"height": 32, "width": 48}  # not square: a swapped height / width shows
