@@ -176,6 +176,13 @@ def test_gating_without_guidance_warns_once(tmp_path: Path) -> None:
         (["{ok}", "--guidance-scale", "-2"], "--guidance-scale -2.0 is invalid"),
         (["{ok}", "--batch-size", "0"], "--batch-size 0 is invalid"),
         (["{ok}", "--partition", "gpu"], "--partition needs --slurm"),
+        (["{ok}", "--skip-guidance-layers", "7,x"], "--skip-guidance-layers '7,x' is invalid"),
+        (["{ok}", "--true-cfg-scale", "-1"], "--true-cfg-scale -1.0 is invalid"),
+        (["{ok}", "--skip-layer-guidance-stop", "2"], "--skip-layer-guidance-stop 2.0 is invalid: must be in [0, 1]"),
+        # Options a family does not take, found once the ranks know the pipeline class.
+        (["{ok}", "--true-cfg-scale", "2"], "--true-cfg-scale 2: tiny-sd (StableDiffusionPipeline) has no true CFG"),
+        (["{ok}", "--skip-guidance-layers", "1"], "--skip-guidance-layers: StableDiffusionPipeline does not take it"),
+        (["{ok}", "--model", "tiny-sd3", "--skip-guidance-layers", "9"], "the transformer has 4 blocks (0-3)"),
         # The model's own factor (tiny-wan22: VAE 8 x patch 2), found by the ranks: still exit 2.
         (["{ok}", "--model", "tiny-wan22", "--height", "24", "--gpus", "2"],
          "--height 24 is invalid: tiny-wan22 needs a multiple of 16"),
