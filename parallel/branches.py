@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -118,10 +119,20 @@ def map_samples(args: tuple[Any, ...], kwargs: dict[str, Any], sample_keys: froz
     return _map_keyed(args, kwargs, sample_keys, lambda v, _key: fn(v), size)
 
 
+@lru_cache(maxsize=64)
+def _paths(sample_keys: frozenset[str]) -> tuple[tuple[str, str, list[str]], ...]:
+    """(key, head, rest) of each per-sample path, in a fixed order."""
+    return tuple((key, *_split(key)) for key in sorted(sample_keys))
+
+
+def _split(key: str) -> tuple[str, list[str]]:
+    head, *rest = key.split(".")
+    return head, rest
+
+
 def _map_keyed(args: tuple[Any, ...], kwargs: dict[str, Any], sample_keys: frozenset[str],
                fn: Callable[[Any, str], Any], size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:  # fmt: skip
-    for key in sorted(sample_keys):
-        head, *rest = key.split(".")
+    for key, head, rest in _paths(sample_keys):
         if head.isdigit():
             if int(head) < len(args):
                 items = list(args)
@@ -222,31 +233,36 @@ def concat_branches(branches: Sequence[Branch]) -> tuple[tuple[Any, ...], dict[s
     return _map_keyed(first.args, first.kwargs, keys, lambda _v, key: joined[key], first.size)
 
 
-def forward_groups(branches: Sequence[Branch], batched: bool) -> list[list[Branch]]:
-    """How ``branches`` run as forwards: with ``batched``, consecutive branches of the same
-    call whose shared inputs agree form one forward; else one forward per branch."""
-    groups: list[list[Branch]] = []
+def _forwards(branches: Sequence[Branch], batched: bool) -> list[tuple[list[Branch], tuple[Any, ...], dict[str, Any]]]:
+    """The forwards that run ``branches``, each (its branches, args, kwargs): with ``batched``,
+    consecutive branches of the same call whose shared inputs agree form one forward (inputs
+    concatenated once); else one forward per branch."""
+    out: list[tuple[list[Branch], tuple[Any, ...], dict[str, Any]]] = []
     for b in branches:
-        last = groups[-1] if groups else None
-        if batched and last and last[-1].call == b.call:
+        if batched and out and out[-1][0][-1].call == b.call:
+            group = [*out[-1][0], b]
             try:
-                concat_branches([*last, b])
+                args, kwargs = concat_branches(group)
             except NotConcatenable:
                 pass
             else:
-                last.append(b)
+                out[-1] = (group, args, kwargs)
                 continue
-        groups.append([b])
-    return groups
+        out.append(([b], b.args, b.kwargs))
+    return out
+
+
+def forward_groups(branches: Sequence[Branch], batched: bool) -> list[list[Branch]]:
+    """How ``branches`` run as forwards (see ``_forwards``): the branches of each forward."""
+    return [group for group, _, _ in _forwards(branches, batched)]
 
 
 def _run_local(branches: Sequence[Branch], forward: Forward, batched: bool) -> list[torch.Tensor]:
     preds: list[torch.Tensor] = []
-    for group in forward_groups(branches, batched):
+    for group, args, kwargs in _forwards(branches, batched):
         if len(group) == 1:
-            preds.append(forward(group[0].args, group[0].kwargs))
+            preds.append(forward(args, kwargs))
         else:
-            args, kwargs = concat_branches(group)
             preds += list(forward(args, kwargs).split([b.size for b in group], dim=0))
     return preds
 

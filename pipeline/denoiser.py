@@ -112,6 +112,9 @@ def bind_arguments(signature: inspect.Signature | None, args: tuple[Any, ...],
     bind the call (or none) leaves it as it is."""
     if signature is None:
         return args, kwargs
+    names = _positional_names(signature)
+    if names is not None and len(args) <= len(names) and not set(names[: len(args)]) & kwargs.keys():
+        return (), {**dict(zip(names, args)), **kwargs}  # the common case, without bind()
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError:
@@ -129,6 +132,18 @@ def bind_arguments(signature: inspect.Signature | None, args: tuple[Any, ...],
         else:
             named[name] = value
     return rest, named
+
+
+def _positional_names(signature: inspect.Signature) -> list[str] | None:
+    """Names of the parameters a call may fill positionally, in order; None when the signature
+    takes ``*args`` or positional-only parameters (bind() handles those)."""
+    names = []
+    for p in signature.parameters.values():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
+            return None
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            names.append(p.name)
+    return names
 
 
 def _forward_signature(module: Any) -> inspect.Signature | None:

@@ -111,10 +111,16 @@ def timed_module(module: torch.nn.Module) -> Iterator[CallTimer]:
         timer.remove()
 
 
-def _requests(batch_size: int, steps: int, size: int) -> list[SampleRequest]:
+def _requests(family: Any, batch_size: int, steps: int, size: int) -> list[SampleRequest]:
+    """Guided requests: the family's own guidance_scale and true_cfg_scale, CFG on (true CFG 4
+    where the family has it and would otherwise run one branch)."""
+    gs = family.call_defaults.get("guidance_scale", 7.5)
+    tcs = family.call_defaults.get("true_cfg_scale")
+    if tcs is not None and not family.guided(gs, tcs):
+        tcs = 4.0
     return [SampleRequest(sample_id=f"s{i}", prompt=f"a photo of thing {i}", negative_prompt="",
                           seed=i, height=size, width=size, num_inference_steps=steps,
-                          guidance_scale=7.5) for i in range(batch_size)]  # fmt: skip
+                          guidance_scale=gs, true_cfg_scale=tcs) for i in range(batch_size)]  # fmt: skip
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -125,7 +131,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def measure(pipe: Any, *, batch_size: int, steps: int, size: int | None, repeats: int,
             cfg_batching: bool = True, group: Any = None, ab: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Per-call overhead of gen's intercept on ``pipe`` (StableDiffusion family).
+    """Per-call overhead of gen's intercept on ``pipe`` (any family: its first denoiser module).
 
     Args:
         pipe: a loaded diffusers pipeline.
@@ -145,9 +151,9 @@ def measure(pipe: Any, *, batch_size: int, steps: int, size: int | None, repeats
         median, mean, p10, p90, n.
     """
     runner = StageRunner(pipe, cfg_batching=cfg_batching, guidance_rescale=0.0, group=group)
-    requests = _requests(batch_size, steps, size or runner.family.default_size)
+    requests = _requests(runner.family, batch_size, steps, size or runner.family.default_size)
     result: dict[str, Any] = {"size": requests[0].height}
-    with timed_module(pipe.unet) as timer:
+    with timed_module(getattr(pipe, runner.family.denoiser_names[0])) as timer:
         runner.run(requests, decode=[False] * batch_size)  # warm-up
         timer.reset()
         for _ in range(repeats):
@@ -165,13 +171,15 @@ def measure(pipe: Any, *, batch_size: int, steps: int, size: int | None, repeats
 def _stock_vs_intercepted(runner: StageRunner, requests: list[SampleRequest], repeats: int) -> dict[str, Any]:
     """Denoise seconds of the stock pipeline call and of the same call intercepted, interleaved."""
     family, first = runner.family, requests[0]
-    cond = family.encode([r.prompt for r in requests], [""] * len(requests), guidance=True)
+    guided = family.guided(first.guidance_scale, first.true_cfg_scale)
+    cond = family.encode([r.prompt for r in requests], [""] * len(requests), guidance=guided)
+    extra = {} if first.true_cfg_scale is None else {"true_cfg_scale": first.true_cfg_scale}
 
     def denoise() -> None:
         family.denoise(cond, [torch.Generator("cpu").manual_seed(r.seed) for r in requests],
                        height=first.height, width=first.width,
                        num_inference_steps=first.num_inference_steps,
-                       guidance_scale=first.guidance_scale, guidance_rescale=0.0)  # fmt: skip
+                       guidance_scale=first.guidance_scale, guidance_rescale=0.0, **extra)  # fmt: skip
 
     stock, hooked = [], []
     for _ in range(repeats + 1):  # the first pair warms up
@@ -179,7 +187,7 @@ def _stock_vs_intercepted(runner: StageRunner, requests: list[SampleRequest], re
         denoise()
         stock.append(time.perf_counter() - start)
         start = time.perf_counter()
-        with runner.hook.intercept(batch=len(requests), guidance=True):
+        with runner.hook.intercept(batch=len(requests), guidance=guided, branch_inputs=family.branch_inputs(cond)):
             denoise()
         hooked.append(time.perf_counter() - start)
     stock, hooked = stock[1:], hooked[1:]
