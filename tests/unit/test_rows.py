@@ -169,3 +169,16 @@ def test_invalid_row_seed_falls_back_to_derived() -> None:
     (s,) = _plan({"prompt": ["a"], "seed": pa.array([-5], pa.int64())})
     assert s.error is not None
     assert 0 <= s.request.seed < 2**63
+
+
+def test_true_cfg_scale_per_row_where_the_family_has_it() -> None:
+    """A family with true CFG (Flux, Qwen-Image: a job-level true_cfg_scale) takes per-row
+    overrides; null is the job's value; a bad value or a family without true CFG is an error row."""
+    samples = _plan({"prompt": ["a", "b", "c"], "true_cfg_scale": [4, None, -1.0]}, true_cfg_scale=1.0)
+    assert [s.request.true_cfg_scale for s in samples[:2]] == [4.0, 1.0]
+    assert samples[0].error is None and samples[1].error is None
+    assert "true_cfg_scale -1.0 must be a finite number >= 0" in samples[2].error
+    plain = _plan({"prompt": ["a", "b"], "true_cfg_scale": [4.0, None]})  # SD: no true CFG
+    assert "has no true CFG" in plain[0].error and plain[1].error is None
+    assert plain[1].request.true_cfg_scale is None
+    assert samples[0].request.batch_key != samples[1].request.batch_key  # not in one pipeline call
