@@ -13,7 +13,7 @@ need it under adaptive gating).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -55,6 +55,10 @@ class Branch:
     """Which of the step's denoiser calls the pipeline makes it in: with cfg batching, only
     branches of the same call run as one forward, so a batched run makes the pipeline's own
     forwards."""
+    origin: _Call | None = field(default=None, repr=False, compare=False)
+    """The call this branch was split from, while it is unchanged: when every branch of that
+    call runs as one forward, the call's own inputs are used instead of concatenating the
+    branches back (the same values, without the copies)."""
 
     def take(self, index: Sequence[int]) -> Branch:
         """The branch restricted to samples ``index`` (ascending); shared inputs unchanged."""
@@ -68,7 +72,7 @@ class Branch:
             fn = lambda v: (v.index_select(0, torch.as_tensor(index, device=v.device))
                             if isinstance(v, torch.Tensor) else type(v)(v[i] for i in index))  # fmt: skip
         args, kwargs = map_samples(self.args, self.kwargs, self.sample_keys, fn, self.size)
-        return replace(self, args=args, kwargs=kwargs, size=len(index))
+        return replace(self, args=args, kwargs=kwargs, size=len(index), origin=None)
 
     def with_inputs(self, name: str, call: int, **inputs: Any) -> Branch:
         """A sibling branch that the pipeline computes in another call of the step (Wan's and
@@ -76,7 +80,7 @@ class Branch:
         replacements, e.g. the negative embeddings), per-sample values as fresh views."""
         view = lambda v: v[:]
         args, kwargs = map_samples(self.args, self.kwargs, self.sample_keys, view, self.size)
-        return replace(self, name=name, args=args, kwargs={**kwargs, **inputs}, call=call)
+        return replace(self, name=name, args=args, kwargs={**kwargs, **inputs}, call=call, origin=None)
 
 
 def _at(obj: Any, key: str) -> tuple[bool, Any]:
@@ -163,11 +167,21 @@ def split_branches(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str
     if total_batch % n:
         raise ValueError(f"batch {total_batch} does not split into {n} branches")
     b = total_batch // n
+    origin = _Call(tuple(names), args, kwargs)
     out = []
     for i, name in enumerate(names):
         a, k = map_samples(args, kwargs, sample_keys, lambda v, i=i: v[i * b : (i + 1) * b], total_batch)
-        out.append(Branch(name, a, k, b, sample_keys, call))
+        out.append(Branch(name, a, k, b, sample_keys, call, origin))
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Call:
+    """One denoiser call as the pipeline made it, before it was split into ``names``."""
+
+    names: tuple[str, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 def _same(values: list[Any], path: str, sample_keys: frozenset[str]) -> bool:
@@ -203,6 +217,10 @@ def concat_branches(branches: Sequence[Branch]) -> tuple[tuple[Any, ...], dict[s
     first = branches[0]
     if len(branches) == 1:
         return first.args, first.kwargs
+    origin = first.origin
+    if origin is not None and tuple(b.name for b in branches) == origin.names and all(
+            b.origin is origin for b in branches):  # fmt: skip
+        return origin.args, origin.kwargs  # the whole call, unchanged
     keys = first.sample_keys
     if any(b.sample_keys != keys for b in branches):
         raise NotConcatenable("branches declare different per-sample inputs")

@@ -200,3 +200,17 @@ def test_two_call_sibling_branch_concatenates_shared_inputs() -> None:
     args, kwargs = concat_branches([cond, uncond])
     assert torch.equal(args[0], torch.cat([x, x]))
     assert torch.equal(kwargs["encoder_hidden_states"].flatten(), torch.tensor([1.0, 1, 0, 0]))
+
+
+def test_a_whole_unchanged_call_is_not_copied_back() -> None:
+    """All branches of a split, unchanged and in order: the call's own inputs, not a copy; a
+    branch restricted to some samples, or reordered branches, are concatenated."""
+    args, kwargs = _inputs()
+    branches = split_branches(NAMES, args, kwargs, 4, KEYS)
+    cargs, ckwargs = concat_branches(branches)
+    assert cargs is args and ckwargs is kwargs
+    partial = [branches[0].take([1]), branches[1]]
+    pargs, _ = concat_branches(partial)
+    assert pargs is not args and torch.equal(pargs[0], args[0][1:])
+    swapped_args, _ = concat_branches(branches[::-1])
+    assert torch.equal(swapped_args[0], torch.cat([args[0][2:], args[0][:2]]))
