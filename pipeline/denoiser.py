@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
-from parallel.branches import CfgParallelExecutor, SerialBranchExecutor, split_branches
+from parallel.branches import split_branches
+from parallel.executors import CfgParallelExecutor, SerialBranchExecutor
 from pipeline.families.base import Calls, CfgConvention
 from pipeline.gating import CfgGate
 from pipeline.samples import StepRecord

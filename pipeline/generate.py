@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from parallel.branches import CfgParallelExecutor, SerialBranchExecutor
 from parallel.cfg_group import CfgGroup, CollectiveError
+from parallel.executors import CfgParallelExecutor, SerialBranchExecutor
 from pipeline.denoiser import DenoiserHook
 from pipeline.families import family_for
 from pipeline.samples import SampleRequest, SampleResult

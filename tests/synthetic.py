@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from parallel.branches import Branch, SerialBranchExecutor, split_branches
+from parallel.branches import Branch, split_branches
+from parallel.executors import SerialBranchExecutor
 
 B = 2  # samples per branch
 SAMPLE_KEYS = frozenset({"0", "encoder_hidden_states"})

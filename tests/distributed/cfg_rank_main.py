@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parallel.branches import CfgParallelExecutor
 from parallel.cfg_group import CollectiveError, GroupAborted
 from parallel.dims import ParallelDims
+from parallel.executors import CfgParallelExecutor
 from parallel.group import cfg_group, init_ranks
 from parallel.platform import detect_platform
 from tests.synthetic import Predictor, make_branches, serial_predictions

@@ -7,14 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from parallel.branches import (
-    Branch,
-    NotConcatenable,
-    SerialBranchExecutor,
-    concat_branches,
-    forward_groups,
-    split_branches,
-)
+from parallel.branches import Branch, NotConcatenable, concat_branches, split_branches
+from parallel.executors import SerialBranchExecutor, forward_groups
 
 NAMES = ("uncond", "cond")
 KEYS = frozenset({"0", "encoder_hidden_states", "added.a"})

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from parallel.branches import CfgParallelExecutor, SerialBranchExecutor
 from parallel.cfg_group import CfgGroup, CollectiveError, GroupAborted
+from parallel.executors import CfgParallelExecutor, SerialBranchExecutor
 from tests.synthetic import B, Predictor, make_branches, serial_predictions
 
 

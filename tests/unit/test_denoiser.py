@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from parallel.branches import SerialBranchExecutor
+from parallel.executors import SerialBranchExecutor
 from pipeline.denoiser import DenoiserHook
 from pipeline.families.base import CfgConvention
 from pipeline.samples import StepRecord

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from parallel.branches import CfgParallelExecutor, SerialBranchExecutor
+from parallel.executors import CfgParallelExecutor, SerialBranchExecutor
 from pipeline.denoiser import DenoiserHook
 from pipeline.families.base import CfgConvention
 from pipeline.gating import CfgGate, gate_step
