@@ -66,7 +66,10 @@ def mp4_bytes(frames_FHW3: np.ndarray, fps: int = 16, *, crf: int = 18) -> bytes
         stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            # Convert to yuv420p here, single-threaded: left to encode(), the conversion runs
+            # on the codec's threads and the same frames now and then gave different bytes.
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():  # flush the encoder's delayed frames
             container.mux(packet)

@@ -12,7 +12,7 @@ from pipeline.families.sd3 import StableDiffusion3Family
 from pipeline.smoke import smoke_models
 
 CLASSES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-           "PixArtSigmaPipeline", "QwenImagePipeline", "WanPipeline"}  # fmt: skip
+           "PixArtSigmaPipeline", "QwenImagePipeline", "WanPipeline", "CogVideoXPipeline"}  # fmt: skip
 
 
 def test_every_family_file_is_registered_once() -> None:
@@ -26,7 +26,7 @@ def test_every_family_file_is_registered_once() -> None:
 
 
 def test_unknown_class_lists_the_supported_ones() -> None:
-    with pytest.raises(UnsupportedPipelineError, match="AudioLDMPipeline is not supported; supported: Flux"):
+    with pytest.raises(UnsupportedPipelineError, match="AudioLDMPipeline is not supported; supported: CogVideoXPipeline, Flux"):
         family_class("AudioLDMPipeline")
 
 
@@ -45,7 +45,7 @@ def test_defaults_are_the_pipelines_own(cls: str) -> None:
 
 def test_each_new_family_has_a_built_in_model() -> None:
     assert {"tiny-sd", "small-sd", "tiny-wan22", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart-sigma",
-            "tiny-qwenimage"} <= set(smoke_models())  # fmt: skip
+            "tiny-qwenimage", "tiny-cogvideox"} <= set(smoke_models())  # fmt: skip
 
 
 class _Pipe:
