@@ -11,11 +11,16 @@ Shape legend: B = images in the micro-batch, L = text tokens, D = text hidden si
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+from pipeline.smoke import GEN_DEFAULTS_FILE
 
 Calls = tuple[tuple[str, ...], ...]
 """The denoiser calls of one step, in call order; each call's branches in dim-0 order."""
@@ -103,6 +108,15 @@ class Family:
     def denoiser_names(self) -> tuple[str, ...]:
         return self.convention.denoisers
 
+    @cached_property
+    def gen_defaults(self) -> dict[str, int]:
+        """The model directory's gen_defaults.json (the built-in models write one: e.g.
+        default_size, default_num_frames), else {}: small defaults for pipelines whose own are
+        fixed (Flux, Qwen-Image: 1024 px whatever the model)."""
+        name = getattr(getattr(self.pipe, "config", None), "_name_or_path", None)
+        path = Path(str(name)) / GEN_DEFAULTS_FILE if name else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
     def configure(self, **options: Any) -> None:
         """Take the job's family-specific options (BatchConfig.family_options: SD3's
         skip_guidance_layers ...); a family takes none unless it says so.
@@ -136,3 +150,25 @@ class Family:
         """Per prompt, a warning if the text encoder truncates it (none by default)."""
         del negative_prompts
         return [None] * len(prompts)
+
+
+class TrueCfgFamily(Family):
+    """Shared by Flux and Qwen-Image: real CFG over a negative prompt (``true_cfg_scale``) is the
+    only guidance that makes an uncond branch (gen always passes a negative, "" by default),
+    latents are packed 2x2, and the pipeline's own default size is a fixed 128 x VAE factor."""
+
+    def guided(self, guidance_scale: float, true_cfg_scale: float | None) -> bool:
+        """Whether the pipeline runs an uncond branch: true_cfg_scale > 1."""
+        del guidance_scale
+        return (true_cfg_scale or 1.0) > 1.0
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels: VAE scale factor x 2 (latents are packed 2x2); the pipeline would floor others."""
+        return int(self.pipe.vae_scale_factor) * 2
+
+    @property
+    def default_size(self) -> int:
+        """Pixels: gen_defaults.json's default_size, else the pipeline's fixed 128 x VAE factor
+        (1024 for the real models)."""
+        return int(self.gen_defaults.get("default_size") or self.pipe.default_sample_size * self.pipe.vae_scale_factor)

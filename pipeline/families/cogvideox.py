@@ -23,18 +23,14 @@ channels, F = frames, F' = latent frames (F - 1) / 4 + 1, H/W = pixels, H'/W' = 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.families.base import CfgConvention, Conditioning, Family
 from pipeline.prompts import truncation_warnings
-from pipeline.smoke import GEN_DEFAULTS_FILE
 
 MAX_SEQUENCE_LENGTH = 226
 """T5 tokens per prompt: CogVideoXPipeline.__call__'s default (= transformer max_text_seq_length)."""
@@ -54,10 +50,6 @@ class CogVideoXFamily(Family):
     output_kind = "video"
     call_defaults = {"num_inference_steps": 50, "guidance_scale": 6.0}
 
-    def __init__(self, pipe: Any) -> None:
-        super().__init__(pipe)
-        self._defaults = _model_defaults(pipe)
-
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this (pixels): VAE spatial scale x transformer
@@ -71,13 +63,13 @@ class CogVideoXFamily(Family):
         pipeline's own default height, transformer sample_height x VAE scale (480 for 2b / 5b)."""
         pipe = self.pipe
         native = pipe.transformer.config.sample_height * pipe.vae_scale_factor_spatial
-        return int(self._defaults.get("default_size", native))
+        return int(self.gen_defaults.get("default_size", native))
 
     @property
     def default_num_frames(self) -> int:
         """Frames: ``default_num_frames`` of the model's gen_defaults.json, else the pipeline's
         own default, transformer sample_frames (49 for 2b / 5b, 81 for 1.5)."""
-        return int(self._defaults.get("default_num_frames", self.pipe.transformer.config.sample_frames))
+        return int(self.gen_defaults.get("default_num_frames", self.pipe.transformer.config.sample_frames))
 
     def check_num_frames(self, num_frames: int) -> str | None:
         """Why ``num_frames`` is invalid, or None: it must be 2 x temporal scale x k + 1 (8k + 1).
@@ -182,15 +174,6 @@ class CogVideoXFamily(Family):
         video = vae.decode(latents).sample
         frames = pipe.video_processor.postprocess_video(video=video, output_type="np")
         return [(v * 255).round().astype(np.uint8) for v in frames]
-
-
-def _model_defaults(pipe: Any) -> dict[str, int]:
-    """The model directory's gen_defaults.json (built-in models write one), else {}."""
-    name = getattr(pipe.config, "_name_or_path", None)
-    path = Path(str(name)) / GEN_DEFAULTS_FILE if name else None
-    if path is None or not path.is_file():
-        return {}
-    return json.loads(path.read_text())
 
 
 FAMILY = CogVideoXFamily

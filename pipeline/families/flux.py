@@ -19,22 +19,19 @@ Shape legend: B = images, D = hidden sizes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.families.base import CfgConvention, Conditioning, Family
+from pipeline.families.base import CfgConvention, Conditioning, TrueCfgFamily
 from pipeline.prompts import truncation_warnings
-from pipeline.smoke import GEN_DEFAULTS_FILE
 
 MAX_SEQUENCE_LENGTH = 512
 """T5 tokens per prompt: FluxPipeline.__call__'s default."""
 
 
-class FluxFamily(Family):
+class FluxFamily(TrueCfgFamily):
     """FluxPipeline: one call (distilled guidance), or cond then uncond calls (true CFG)."""
 
     pipeline_classes = ("FluxPipeline",)
@@ -46,25 +43,6 @@ class FluxFamily(Family):
         latents_key="hidden_states",
     )
     call_defaults = {"num_inference_steps": 28, "guidance_scale": 3.5, "true_cfg_scale": 1.0}
-
-    def guided(self, guidance_scale: float, true_cfg_scale: float | None) -> bool:
-        """Whether the pipeline runs CFG branches: only true CFG (gen always passes a negative)."""
-        del guidance_scale
-        return (true_cfg_scale or 1.0) > 1.0
-
-    @property
-    def size_multiple(self) -> int:
-        """Pixels: VAE scale factor x 2 (latents are packed 2x2); the pipeline would floor others."""
-        return int(self.pipe.vae_scale_factor) * 2
-
-    @property
-    def default_size(self) -> int:
-        """Pixels: gen_defaults.json's default_size, else FluxPipeline's 128 x VAE scale factor."""
-        name = getattr(self.pipe.config, "_name_or_path", None)
-        path = Path(str(name)) / GEN_DEFAULTS_FILE if name else None
-        if path is not None and path.is_file():
-            return int(json.loads(path.read_text())["default_size"])
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
 
     def prompt_warnings(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> list[str | None]:
         """Per prompt, a warning if CLIP's 77 or T5's 512 tokens truncate it or its negative."""

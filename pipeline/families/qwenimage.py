@@ -20,21 +20,18 @@ Shape legend: B = images, L = text tokens, D = text hidden size.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.families.base import CfgConvention, Conditioning, Family
-from pipeline.smoke import GEN_DEFAULTS_FILE
+from pipeline.families.base import CfgConvention, Conditioning, TrueCfgFamily
 
 MAX_SEQUENCE_LENGTH = 512
 """Text tokens per prompt: QwenImagePipeline.__call__'s default (encode_prompt's own is 1024)."""
 
 
-class QwenImageFamily(Family):
+class QwenImageFamily(TrueCfgFamily):
     """QwenImagePipeline: cond then uncond calls with texts of their own lengths."""
 
     pipeline_classes = ("QwenImagePipeline",)
@@ -46,25 +43,6 @@ class QwenImageFamily(Family):
         latents_key="hidden_states",
     )
     call_defaults = {"num_inference_steps": 50, "guidance_scale": 1.0, "true_cfg_scale": 4.0}
-
-    def guided(self, guidance_scale: float, true_cfg_scale: float | None) -> bool:
-        """True CFG runs when true_cfg_scale > 1 (gen always passes a negative prompt)."""
-        del guidance_scale
-        return (true_cfg_scale or 1.0) > 1.0
-
-    @property
-    def size_multiple(self) -> int:
-        """Pixels: VAE scale factor x 2 (latents are packed 2x2); the pipeline would floor others."""
-        return int(self.pipe.vae_scale_factor) * 2
-
-    @property
-    def default_size(self) -> int:
-        """Pixels: gen_defaults.json's default_size, else the pipeline's fixed 128 x 8 = 1024."""
-        name = getattr(self.pipe.config, "_name_or_path", None)
-        path = Path(str(name)) / GEN_DEFAULTS_FILE if name else None
-        if path is not None and path.is_file():
-            return int(json.loads(path.read_text())["default_size"])
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str], *, guidance: bool) -> Conditioning:

@@ -13,10 +13,8 @@ F' = latent frames (F - 1) / 4 + 1, H/W = pixels, H'/W' = latent size (H / 8, W 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,6 @@ import torch
 
 from pipeline.families.base import CfgConvention, Conditioning, Family
 from pipeline.prompts import truncation_warnings
-from pipeline.smoke import GEN_DEFAULTS_FILE
 
 MAX_SEQUENCE_LENGTH = 512
 """Text tokens per prompt: WanPipeline.__call__'s default (its encode_prompt defaults to 226)."""
@@ -49,10 +46,6 @@ class WanFamily(Family):
     output_kind = "video"
     call_defaults = {"num_inference_steps": 50, "guidance_scale": 5.0}
 
-    def __init__(self, pipe: Any) -> None:
-        super().__init__(pipe)
-        self._defaults = _model_defaults(pipe)
-
     def branch_inputs(self, cond: Conditioning) -> dict[str, dict[str, Any]]:
         """The uncond call differs from the cond call only in its text embeddings."""
         return {"uncond": {"encoder_hidden_states": cond.uncond["negative_prompt_embeds"]}} if cond.uncond else {}
@@ -73,12 +66,12 @@ class WanFamily(Family):
     @property
     def default_size(self) -> int:
         """Pixels (square): ``default_size`` of the model's gen_defaults.json, else 480 (480p)."""
-        return int(self._defaults.get("default_size", NATIVE_SIZE))
+        return int(self.gen_defaults.get("default_size", NATIVE_SIZE))
 
     @property
     def default_num_frames(self) -> int:
         """Frames: ``default_num_frames`` of the model's gen_defaults.json, else 81."""
-        return int(self._defaults.get("default_num_frames", NATIVE_NUM_FRAMES))
+        return int(self.gen_defaults.get("default_num_frames", NATIVE_NUM_FRAMES))
 
     def check_num_frames(self, num_frames: int) -> str | None:
         """Why ``num_frames`` is invalid, or None: it must be k * temporal scale + 1 (4k + 1).
@@ -188,15 +181,6 @@ class WanFamily(Family):
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
         frames = self.pipe.video_processor.postprocess_video(video, output_type="np")
         return [(v * 255).round().astype(np.uint8) for v in frames]
-
-
-def _model_defaults(pipe: Any) -> dict[str, int]:
-    """The model directory's gen_defaults.json (built-in models write one), else {}."""
-    name = getattr(pipe.config, "_name_or_path", None)
-    path = Path(str(name)) / GEN_DEFAULTS_FILE if name else None
-    if path is None or not path.is_file():
-        return {}
-    return json.loads(path.read_text())
 
 
 FAMILY = WanFamily

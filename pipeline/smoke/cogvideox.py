@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel, write_gen_defaults
-from pipeline.smoke.tokenizers import t5_tokenizer
+from pipeline.smoke.text import t5_config, t5_tokenizer
 
 TEXT_HIDDEN = 32
 """T5 d_model = transformer text_embed_dim."""
@@ -36,27 +36,14 @@ def build(out: Path, seed: int = 0) -> None:
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
     tokenizer = t5_tokenizer(256, seed, model_max_length=MAX_TEXT_TOKENS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # Built from a config, T5 starts in training mode (dropout 0.1): eval().
         text_encoder = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=TEXT_HIDDEN,
-                d_kv=TEXT_HIDDEN // 4,
-                num_heads=4,
-                d_ff=TEXT_HIDDEN * 2,
-                num_layers=2,
-                feed_forward_proj="gated-gelu",  # T5 v1.1 (t5-v1_1-xxl in CogVideoX)
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
+            t5_config(len(tokenizer), TEXT_HIDDEN)
         ).eval()
         transformer = CogVideoXTransformer3DModel(
             num_attention_heads=2,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel, write_gen_defaults
-from pipeline.smoke.tokenizers import clip_tokenizer, t5_tokenizer
+from pipeline.smoke.text import clip_config, clip_tokenizer, t5_config, t5_tokenizer
 
 DEFAULT_SIZE = 64
 """Pixels, written to gen_defaults.json (a multiple of 16)."""
@@ -26,7 +26,7 @@ def build(out: Path, seed: int = 0) -> None:
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     tokenizer = clip_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -38,34 +38,11 @@ def build(out: Path, seed: int = 0) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=clip_hidden,
-                intermediate_size=clip_hidden * 4,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                vocab_size=len(vocab),
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
+            clip_config(vocab, clip_hidden, clip_hidden * 4)
         ).eval()
         # Built from a config, T5 starts in training mode (dropout 0.1): eval().
         text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=t5_hidden,
-                d_kv=t5_hidden // 4,
-                num_heads=4,
-                d_ff=t5_hidden * 2,
-                num_layers=2,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
+            t5_config(len(tokenizer_2), t5_hidden)
         ).eval()
         transformer = FluxTransformer2DModel(
             patch_size=1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel
-from pipeline.smoke.tokenizers import t5_tokenizer
+from pipeline.smoke.text import t5_config, t5_tokenizer
 
 TEXT_HIDDEN = 32
 """T5 d_model = transformer caption_channels."""
@@ -28,27 +28,14 @@ def build(out: Path, seed: int = 0) -> None:
         PixArtSigmaPipeline,
         PixArtTransformer2DModel,
     )
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
     tokenizer = t5_tokenizer(256, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # Built from a config, T5 starts in training mode (dropout 0.1): eval().
         text_encoder = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=TEXT_HIDDEN,
-                d_kv=TEXT_HIDDEN // 4,
-                num_heads=4,
-                d_ff=TEXT_HIDDEN * 2,
-                num_layers=2,
-                feed_forward_proj="gated-gelu",  # T5 v1.1 / T5-XXL style, as PixArt-Sigma
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
+            t5_config(len(tokenizer), TEXT_HIDDEN)
         ).eval()
         transformer = PixArtTransformer2DModel(
             num_attention_heads=2,

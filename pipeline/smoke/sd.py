@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel
-from pipeline.smoke.tokenizers import clip_tokenizer
+from pipeline.smoke.text import clip_config, clip_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +32,7 @@ def build(spec: SdSpec, out: Path) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = clip_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -41,17 +41,7 @@ def build(spec: SdSpec, out: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=spec.text_hidden,
-                intermediate_size=spec.text_hidden * 4,
-                num_hidden_layers=spec.text_layers,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                vocab_size=len(vocab),
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
+            clip_config(vocab, spec.text_hidden, spec.text_hidden * 4, spec.text_layers)
         ).eval()
         unet = UNet2DConditionModel(
             sample_size=8,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel
-from pipeline.smoke.tokenizers import clip_tokenizer, t5_tokenizer
+from pipeline.smoke.text import clip_config, clip_tokenizer, t5_config, t5_tokenizer
 
 NATIVE_SIZE = 32
 """Pixels: transformer sample_size (4) x VAE scale factor (8)."""
@@ -23,7 +23,7 @@ def build(out: Path, seed: int = 0) -> None:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -36,37 +36,13 @@ def build(out: Path, seed: int = 0) -> None:
         torch.manual_seed(seed)
         clips = [
             CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    hidden_size=h,
-                    projection_dim=p,
-                    intermediate_size=h * 2,
-                    num_hidden_layers=2,  # hidden_states[-2] is used: >= 2 layers
-                    num_attention_heads=4,
-                    max_position_embeddings=77,
-                    vocab_size=len(vocab),
-                    bos_token_id=vocab["<|startoftext|>"],
-                    eos_token_id=vocab["<|endoftext|>"],
-                    pad_token_id=vocab["<|endoftext|>"],
-                )
+                clip_config(vocab, h, h * 2, projection_dim=p)
             ).eval()
             for h, p in clip_dims
         ]
         # Built from a config, T5 starts in training mode (dropout 0.1): eval().
         text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_3),
-                d_model=t5_dim,
-                d_kv=16,
-                num_heads=4,
-                d_ff=t5_dim * 2,
-                num_layers=2,
-                feed_forward_proj="gated-gelu",
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
+            t5_config(len(tokenizer_3), t5_dim)
         ).eval()
         transformer = SD3Transformer2DModel(
             sample_size=NATIVE_SIZE // 8,

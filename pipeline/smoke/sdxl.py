@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel
-from pipeline.smoke.tokenizers import clip_tokenizer
+from pipeline.smoke.text import clip_config, clip_tokenizer
 
 TEXT_HIDDEN = 32          # each CLIP encoder
 TEXT_LAYERS = 2           # >= 2: hidden_states[-2]
@@ -29,26 +29,14 @@ def build(out: Path, seed: int = 0) -> None:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = clip_tokenizer()
     tokenizer_2 = clip_tokenizer(pad_token="!")  # as real SDXL's tokenizer_2
     vocab = tokenizer.get_vocab()
 
     def text_config(**extra):
-        return CLIPTextConfig(
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=TEXT_HIDDEN * 2,
-            num_hidden_layers=TEXT_LAYERS,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            vocab_size=len(vocab),
-            hidden_act="quick_gelu",
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-            **extra,
-        )
+        return clip_config(vocab, TEXT_HIDDEN, TEXT_HIDDEN * 2, TEXT_LAYERS, hidden_act="quick_gelu", **extra)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel, write_gen_defaults
-from pipeline.smoke.tokenizers import t5_tokenizer
+from pipeline.smoke.text import t5_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)

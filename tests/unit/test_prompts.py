@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.prompts import truncation_warnings
-from pipeline.smoke.tokenizers import byte_level_vocab
+from pipeline.smoke.text import byte_level_vocab
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Tokenizers of the built-in models, built offline: CLIP over a byte-level vocabulary, and T5 /
-UMT5 from a SentencePiece unigram model trained here on a small corpus."""
+"""Text side of the built-in models, built offline: CLIP tokenizers over a byte-level vocabulary,
+T5 / UMT5 tokenizers from a SentencePiece unigram model trained here on a small corpus, and the
+CLIP and T5 encoder configs the builders share."""
 
 from __future__ import annotations
 
@@ -95,3 +96,26 @@ def t5_tokenizer(vocab_size: int, seed: int = 0, model_max_length: int = 512):  
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def t5_config(vocab_size: int, d_model: int, num_layers: int = 2):  # -> transformers.T5Config
+    """A T5 v1.1-style encoder config (gated-gelu, as T5-XXL / UMT5): 4 heads of d_model / 4,
+    feed-forward 2 x d_model, the UMT5 token layout (<pad>=0, </s>=1). Built from a config, T5
+    starts in training mode (dropout 0.1): call .eval() on the model."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, num_heads=4, d_ff=d_model * 2,
+                    num_layers=num_layers, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                    relative_attention_max_distance=128, pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0)  # fmt: skip
+
+
+def clip_config(vocab: dict[str, int], hidden: int, intermediate: int, num_layers: int = 2, **extra: object):
+    """A CLIP text config over ``vocab`` (``clip_tokenizer``'s), 4 heads, 77 positions; the
+    pipelines use hidden_states[-2], so 2 layers at least. ``extra``: projection_dim, hidden_act."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=num_layers,
+                          num_attention_heads=4, max_position_embeddings=77, vocab_size=len(vocab),
+                          bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                          pad_token_id=vocab["<|endoftext|>"], **extra)  # fmt: skip
