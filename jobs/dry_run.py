@@ -229,6 +229,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
 def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
     """The plan as printable lines (what `gen batch --dry-run` prints)."""
     dp = config.dims.dp_size
+    steps = config.num_inference_steps or "the model's default"
     lines = [
         "dry run: nothing is started or written",
         f"manifest: {plan.manifest}: {plan.num_rows:,} rows in {plan.num_row_groups:,} row group(s) "
@@ -239,7 +240,7 @@ def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
         f"{plan.shards_held:,} held by queued tasks, {plan.shards_to_run:,} to run"
         + (f" ({plan.shards_reopened:,} reopened by --retry-errors)" if plan.shards_reopened else ""),
         f"work: {plan.micro_batches:,} micro-batch(es) of <= {config.batch_size} prompts, "
-        f"{plan.images:,} image(s); {config.num_inference_steps or 'the model' + chr(39) + 's default'} steps",
+        f"{plan.images:,} image(s); {steps} steps",
         f"out: {plan.out}: {plan.out_state}; a real run would write {Path(plan.out) / 'job.json'}",
     ]
     if plan.max_row_group_rows > plan.shard_size:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -135,6 +136,7 @@ def bind_arguments(signature: inspect.Signature | None, args: tuple[Any, ...],
     return rest, named
 
 
+@lru_cache(maxsize=32)
 def _positional_names(signature: inspect.Signature) -> list[str] | None:
     """Names of the parameters a call may fill positionally, in order; None when the signature
     takes ``*args`` or positional-only parameters (bind() handles those)."""

@@ -51,7 +51,7 @@ def job_status(out_dir: str) -> dict[str, Any]:
         "in_flight_error": error,
         "tasks": None,
         "restarts": _restarts(out),
-        "last_errors": last_errors(out),
+        "last_errors": last_errors(out, markers=markers),
     }
     submissions = read_submissions(out)
     if submissions:
@@ -93,7 +93,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def last_errors(out: OutputDir, limit: int = 5) -> list[str]:
+def last_errors(out: OutputDir, limit: int = 5, markers: list[dict[str, Any]] | None = None) -> list[str]:
     """Up to ``limit`` error messages, newest first: failed SLURM tasks, failed ranks, then the
     last error rows of done shards."""
     found: list[tuple[float, str]] = []
@@ -105,7 +105,7 @@ def last_errors(out: OutputDir, limit: int = 5) -> list[str]:
         found.append((report["time"], f"rank {report['rank']}: {report['error']}"))
     messages = [m for _, m in sorted(found, reverse=True)]
     rows: list[str] = []
-    for path in _samples_with_errors(out, newest_first=True):
+    for path in _samples_with_errors(out, newest_first=True, markers=markers):
         rows += [f"row {r['row_index']}: {r['error']}" for r in reversed(_error_rows(path))]
         if len(rows) >= limit:
             break
@@ -123,12 +123,14 @@ def error_rows(out_dir: str, limit: int = 3) -> list[str]:
     return rows[:limit]
 
 
-def _samples_with_errors(out: OutputDir, *, newest_first: bool = False) -> Iterator[Path]:
+def _samples_with_errors(out: OutputDir, *, newest_first: bool = False,
+                         markers: list[dict[str, Any]] | None = None) -> Iterator[Path]:  # fmt: skip
     """Samples files of done shards that may hold error rows, in shard order: those whose done
     marker counts errors, and any without a marker (a run killed while committing it). A job
     of 2,000 shards is thus read from its small done markers, not its 2,000 parquet files."""
+    known = {f"shard-{m['shard']:05d}": m for m in markers or ()}  # already read by the caller
     for path in sorted((out.root / "samples").glob("shard-*.parquet"), reverse=newest_first):
-        marker = out.done_marker(path.stem)
+        marker = known[path.stem] if path.stem in known else out.done_marker(path.stem)
         if marker is None or marker.get("samples_error"):
             yield path
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -67,8 +67,6 @@ class Conditioning:
     cond: dict[str, torch.Tensor | None]
     uncond: dict[str, torch.Tensor | None] | None = None
     """None when guidance is off."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Further per-call values the family computed with the embeddings (not selected by row)."""
 
     def select(self, index: Sequence[int]) -> Conditioning:
         """Rows ``index`` of every embedding (one row per image)."""
@@ -76,7 +74,7 @@ class Conditioning:
             return {k: None if v is None else v.index_select(0, torch.as_tensor(list(index), device=v.device))
                     for k, v in d.items()}  # fmt: skip
 
-        return Conditioning(pick(self.cond), None if self.uncond is None else pick(self.uncond), self.extra)
+        return Conditioning(pick(self.cond), None if self.uncond is None else pick(self.uncond))
 
     @property
     def pipe_kwargs(self) -> dict[str, torch.Tensor | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel, write_gen_defaults
+from pipeline.smoke.text import bytes_to_unicode
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
@@ -38,27 +39,10 @@ _SPACED_WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / Qwen byte-level table: byte -> printable unicode symbol."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """256 byte symbols, then a left-to-right merge chain per word, each chain prefix a vocabulary
     entry. Deterministic (no randomness)."""
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     symbols = [table[b] for b in range(256)]
     vocab = {s: i for i, s in enumerate(symbols)}
     merges: list[tuple[str, str]] = []

@@ -9,11 +9,9 @@ import json
 from pathlib import Path
 
 
-def byte_level_vocab() -> dict[str, int]:
-    """CLIP's byte-to-unicode table as a vocabulary: every byte and its end-of-word form.
-
-    With an empty merges list, CLIPTokenizer then tokenizes any unicode text byte by byte.
-    """
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 / CLIP / Qwen byte-level table: byte -> printable unicode symbol, the printable
+    bytes first (in this order), then the others mapped to 256, 257, ..."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("¡"), ord("¬") + 1))
@@ -26,7 +24,15 @@ def byte_level_vocab() -> dict[str, int]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    symbols = [chr(c) for c in codes]
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """CLIP's byte-to-unicode table as a vocabulary: every byte and its end-of-word form.
+
+    With an empty merges list, CLIPTokenizer then tokenizes any unicode text byte by byte.
+    """
+    symbols = list(bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
     vocab["<|startoftext|>"] = len(vocab)
