@@ -35,6 +35,27 @@ class StepRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AudioVideo:
+    """A generated video with its sound track (LTX-2): what an audio-video family's decode
+    returns per sample, and what the writer turns into the ``video`` (mp4 with the audio
+    muxed in) and ``audio`` (WAV) columns."""
+
+    frames: Any
+    """(F, H, W, 3) uint8 RGB numpy array."""
+    audio: Any
+    """(C, S) float32 numpy array in [-1, 1]: C channels (1 or 2) of S samples."""
+    sample_rate: int
+    """Audio samples per second (the vocoder's output rate, e.g. 24000)."""
+    fps: float
+    """Video frames per second (the frame_rate the pipeline conditioned on, e.g. 24)."""
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio: S / sample_rate."""
+        return self.audio.shape[-1] / self.sample_rate
+
+
+@dataclass(frozen=True, kw_only=True)
 class SampleRequest:
     """One image to generate."""
 
@@ -70,7 +91,8 @@ class SampleResult:
 
     request: SampleRequest
     image: Any = None
-    """PIL image, or (F, H, W, 3) uint8 frames for video models; None on error, or when
+    """PIL image, (F, H, W, 3) uint8 frames for video models, or an AudioVideo for
+    audio-video models (LTX-2); None on error, or when
     another rank of the CFG group decodes it."""
     error: str | None = None
     warning: str | None = None
