@@ -7,7 +7,7 @@ import time
 import click
 
 from jobs import __version__
-from jobs.config import DTYPES, BatchConfig
+from jobs.config import DTYPES, BatchConfig, parse_cfg_gate_step
 from jobs.errors import JobError, RunFailed
 
 
@@ -33,7 +33,7 @@ def main() -> None:
 @click.option("--skip-layer-guidance-scale", type=float, help="SD3: scale of the skip-layer term [default: the pipeline's, 2.8].")
 @click.option("--skip-layer-guidance-start", type=float, help="SD3: fraction of the steps where skip-layer guidance starts [default: 0.01].")
 @click.option("--skip-layer-guidance-stop", type=float, help="SD3: fraction of the steps where it stops [default: 0.2].")
-@click.option("--cfg-gate-step", type=float, default=1.0, show_default=True, help="Fraction F in [0, 1] of the steps after which the uncond forward is skipped and rebuilt from the cached delta; 1 = off.")
+@click.option("--cfg-gate-step", default="1", show_default=True, help="Fraction F in [0, 1] of the steps after which every auxiliary branch (uncond; SD3 cond_skip; LTX-2 stg, modality) is skipped and rebuilt from its cached delta to cond; 1 = off. Per branch: uncond=0.6,stg=0.3 (others off), or 0.5,stg=0.3.")
 @click.option("--cfg-gate-cosine", type=float, help="Adaptive gating: a sample stops running the uncond forward once the cosine similarity of its cond and uncond predictions reaches this, in [-1, 1] [default: off].")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="diffusers' guidance_rescale in [0, 1].")
 @click.option("--height", type=int, help="Pixels [default: the model's native size].")
@@ -76,6 +76,7 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
     try:
         slurm = _slurm_options(slurm_args) if use_slurm else _no_slurm(slurm_args)
         options["skip_guidance_layers"] = _layers(options["skip_guidance_layers"])
+        options["cfg_gate_step"], options["cfg_gate_steps"] = parse_cfg_gate_step(options["cfg_gate_step"])
         config = BatchConfig(manifest=manifest, out=out or default_out_dir(manifest), **options)  # type: ignore[arg-type]
         if dry_run:
             from jobs.dry_run import format_plan, plan_dry_run

@@ -44,6 +44,9 @@ class BatchConfig:
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1] (sglang's cfg_gate_step): from step int(steps * F) on,
     the uncond forward is skipped and rebuilt from the cached cond - uncond delta; 1.0 = off."""
+    cfg_gate_steps: tuple[tuple[str, float], ...] = ()
+    """Per auxiliary branch (uncond, stg, modality, cond_skip), its own gating fraction in
+    [0, 1], overriding cfg_gate_step for it (``--cfg-gate-step uncond=0.6,stg=0.3``)."""
     cfg_gate_cosine: float | None = None
     """Adaptive gating: a sample stops running uncond once cos(cond, uncond) >= this, in
     [-1, 1]; None = off."""
@@ -93,6 +96,11 @@ class BatchConfig:
                  ",".join(map(str, layers)), "comma-separated block indices >= 0")  # fmt: skip
             object.__setattr__(self, "skip_guidance_layers", layers)
         need(0 <= self.cfg_gate_step <= 1, "--cfg-gate-step", self.cfg_gate_step, "must be in [0, 1]")
+        steps = tuple((str(n), float(f)) for n, f in self.cfg_gate_steps)
+        for n, f in steps:
+            need(n.isidentifier() and 0 <= f <= 1, "--cfg-gate-step", f"{n}={f:g}",
+                 "BRANCH=F with F in [0, 1]")  # fmt: skip
+        object.__setattr__(self, "cfg_gate_steps", steps)
         need(self.cfg_gate_cosine is None or -1 <= self.cfg_gate_cosine <= 1, "--cfg-gate-cosine",
              self.cfg_gate_cosine, "must be in [-1, 1]")  # fmt: skip
         need(
@@ -152,10 +160,10 @@ class BatchConfig:
         keep = (
             "model", "dtype", "num_inference_steps", "num_frames", "guidance_scale", "guidance_rescale",
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
-            "cfg_batching", "cfg_gate_step", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
+            "cfg_batching", "cfg_gate_step", "cfg_gate_steps", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
             "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
         )  # fmt: skip
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.to_dict().items() if k in keep}
+        return {k: _lists(v) for k, v in self.to_dict().items() if k in keep}
 
     def family_options(self) -> dict[str, Any]:
         """Options only some pipeline families take (diffusers' names), those that are set: the
@@ -163,3 +171,38 @@ class BatchConfig:
         names = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
                  "skip_layer_guidance_stop")  # fmt: skip
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+def _lists(value: Any) -> Any:
+    """Tuples (nested too) as lists, as they read back from JSON."""
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def parse_cfg_gate_step(text: object) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """``--cfg-gate-step``: ``F`` for every auxiliary branch, ``BRANCH=F,...`` per branch, or
+    both (``0.5,stg=0.3``: stg at 0.3, every other auxiliary branch at 0.5).
+
+    Returns:
+        (F of the branches not named (1.0 = off when only named ones are given), the named ones).
+    Raises:
+        JobError: an item that is neither a number nor BRANCH=number, or a branch twice.
+    """
+    default, named = 1.0, {}
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        name, eq, value = item.rpartition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = None
+        if fraction is None or (eq and not name.strip()):
+            raise JobError(f"--cfg-gate-step {text!r} is invalid: F, or BRANCH=F items (uncond=0.6,stg=0.3), "
+                           "F in [0, 1]")  # fmt: skip
+        if not eq:
+            default = fraction
+        elif name.strip() in named:
+            raise JobError(f"--cfg-gate-step {text!r}: branch {name.strip()} given twice")
+        else:
+            named[name.strip()] = fraction
+    return default, tuple(named.items())

@@ -28,6 +28,8 @@ class GenerationDefaults:
     """None when the model's pipeline has no true CFG (a row's true_cfg_scale is then an error)."""
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1]; 1.0 = off."""
+    cfg_gate_steps: tuple[tuple[str, float], ...] = ()
+    """Per auxiliary branch, its own F (a row's cfg_gate_step does not change these)."""
     num_frames: int | None = None
     """Video models: frames per video; None for image models."""
     images_per_prompt: int
@@ -123,6 +125,7 @@ def plan_rows(table: pa.Table, first_row: int, defaults: GenerationDefaults) -> 
                 true_cfg_scale=None if v["true_cfg_scale"] is None or defaults.true_cfg_scale is None
                 else float(v["true_cfg_scale"]),
                 cfg_gate_step=v["cfg_gate_step"],
+                cfg_gate_steps=defaults.cfg_gate_steps,
                 num_frames=defaults.num_frames,
             )
             samples.append(PlannedSample(row_index, image_index, request, error))

@@ -6,18 +6,26 @@ different conditioning. How they run is this module's business; what they comput
 serial and CFG-parallel execution call the same per-branch forward, so with one branch per
 forward (``batched=False`` serially, or one branch per rank) they give the same bits.
 
+A prediction is one tensor, or a tuple of tensors for a denoiser with several outputs
+(LTX-2: video and audio), each with the branch's samples on dim 0; every output is split,
+gathered and returned together, in the structure the forward returned.
+
 Shape legend: B = samples in the micro-batch, N = branches, K = ranks of the CFG group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from typing import Any
 
 import torch
 
 from parallel.branches import Branch, Forward, NotConcatenable, concat_branches
 from parallel.cfg_group import PAYLOAD, CfgGroup
+
+Prediction = torch.Tensor | tuple[torch.Tensor, ...]
+"""A branch's prediction: (samples, ...), or a tuple of such (one per denoiser output)."""
 
 
 def _forwards(branches: Sequence[Branch], batched: bool) -> list[tuple[list[Branch], tuple[Any, ...], dict[str, Any]]]:
@@ -44,14 +52,25 @@ def forward_groups(branches: Sequence[Branch], batched: bool) -> list[list[Branc
     return [group for group, _, _ in _forwards(branches, batched)]
 
 
-def _run_local(branches: Sequence[Branch], forward: Forward, batched: bool) -> list[torch.Tensor]:
-    preds: list[torch.Tensor] = []
+def _split(pred: Prediction, sizes: list[int]) -> list[Prediction]:
+    """A batched forward's prediction cut back into its branches (every output alike)."""
+    if isinstance(pred, torch.Tensor):
+        return list(pred.split(sizes, dim=0))
+    return list(zip(*(p.split(sizes, dim=0) for p in pred)))
+
+
+def _run_local(branches: Sequence[Branch], forward: Forward, batched: bool) -> list[Prediction]:
+    preds: list[Prediction] = []
     for group, args, kwargs in _forwards(branches, batched):
         if len(group) == 1:
             preds.append(forward(args, kwargs))
         else:
-            preds += list(forward(args, kwargs).split([b.size for b in group], dim=0))
+            preds += _split(forward(args, kwargs), [b.size for b in group])
     return preds
+
+
+def _outputs(pred: Prediction) -> tuple[torch.Tensor, ...]:
+    return (pred,) if isinstance(pred, torch.Tensor) else tuple(pred)
 
 
 class SerialBranchExecutor:
@@ -67,14 +86,15 @@ class SerialBranchExecutor:
         self.last_layout: list[tuple[str, int]] = []
         """(branch name, CFG-group rank) of each forward input of the last step."""
 
-    def run(self, branches: Sequence[Branch], forward: Forward) -> list[torch.Tensor]:
+    def run(self, branches: Sequence[Branch], forward: Forward) -> list[Prediction]:
         """Run the branches.
 
         Args:
             branches: N branches; branch i's tensors have ``branches[i].size`` samples.
-            forward: the denoiser's own forward.
+            forward: the denoiser's own forward (a tensor, or a tuple of tensors).
         Returns:
-            N predictions, prediction i of shape (branches[i].size, ...), in branch order.
+            N predictions, prediction i of shape (branches[i].size, ...) (each output so), in
+            branch order.
         """
         self.last_layout = [(b.name, 0) for b in branches]
         return _run_local(branches, forward, self.batched)
@@ -126,7 +146,7 @@ class CfgParallelExecutor:
         """(branch name, CFG-group rank) of each forward input of the last step; a branch cut
         by samples appears once per rank that ran a chunk of it."""
 
-    def run(self, branches: Sequence[Branch], forward: Forward) -> list[torch.Tensor]:
+    def run(self, branches: Sequence[Branch], forward: Forward) -> list[Prediction]:
         """Run this rank's share of the branches and gather everyone's predictions.
 
         Args:
@@ -134,8 +154,8 @@ class CfgParallelExecutor:
                 branch i's tensors have ``branches[i].size`` samples.
             forward: the denoiser's own forward.
         Returns:
-            N predictions, prediction i of shape (branches[i].size, ...), in branch order,
-            identical on every rank.
+            N predictions, prediction i of shape (branches[i].size, ...) (each output so), in
+            branch order, identical on every rank.
         Raises:
             GroupAborted: a branch forward raised on some rank.
             CollectiveError: a rank died, hung past the collective timeout, or fell out of step.
@@ -145,40 +165,62 @@ class CfgParallelExecutor:
             whole = branches[0]
             parts = [whole.take(idx) for idx in _chunks(whole.size, k)]
             preds = self._run_dealt(parts, forward)
-            return [torch.cat(preds, dim=0)]
+            if isinstance(preds[0], torch.Tensor):
+                return [torch.cat(preds, dim=0)]
+            return [tuple(torch.cat(outs, dim=0) for outs in zip(*preds))]
         return self._run_dealt(branches, forward)
 
-    def _run_dealt(self, branches: Sequence[Branch], forward: Forward) -> list[torch.Tensor]:
+    def _run_dealt(self, branches: Sequence[Branch], forward: Forward) -> list[Prediction]:
         n, k, me = len(branches), self.group.size, self.group.rank
         self.last_layout = [(b.name, self.group.owner(i)) for i, b in enumerate(branches)]
         mine = [b for i, b in enumerate(branches) if self.group.owner(i) == me]
         error, local = None, []
         try:
-            local = _run_local(mine, forward, self.batched) if mine else []
-            if any(p.shape[1:] != local[0].shape[1:] or p.dtype != local[0].dtype for p in local):
+            local = [_outputs(p) for p in _run_local(mine, forward, self.batched)] if mine else []
+            outs = local[0] if local else ()
+            if any(len(p) != len(outs) or any(a.shape[1:] != b.shape[1:] or a.dtype != b.dtype
+                                              for a, b in zip(p, outs)) for p in local):  # fmt: skip
                 raise RuntimeError("branch predictions differ in sample shape or dtype")
-            if local and local[0].dtype not in _DTYPES:
-                raise RuntimeError(f"cannot gather predictions of dtype {local[0].dtype}")
-            if local and 2 + local[0].dim() > PAYLOAD:
-                raise RuntimeError(f"cannot gather {local[0].dim()}-d predictions")
+            if any(o.dtype != outs[0].dtype for o in outs):
+                raise RuntimeError(f"cannot gather outputs of different dtypes {[o.dtype for o in outs]}")
+            if outs and outs[0].dtype not in _DTYPES:
+                raise RuntimeError(f"cannot gather predictions of dtype {outs[0].dtype}")
+            if outs and 3 + sum(o.dim() for o in outs) > PAYLOAD:
+                raise RuntimeError(f"cannot gather predictions of shapes {[tuple(o.shape) for o in outs]}")
         except Exception as exc:  # noqa: BLE001 - announced to the group
             error = f"{type(exc).__name__}: {exc}"
-        # header: [holds predictions, dtype, ndim of one sample, *sample shape]
-        meta = (
-            [1, _DTYPES.index(local[0].dtype), local[0].dim() - 1, *local[0].shape[1:]]
-            if local and error is None
-            else [0]
-        )
+        # header: [holds predictions, dtype, outputs, then per output: ndim of one sample, *its shape]
+        meta = [0]
+        if local and error is None:
+            meta = [1, _DTYPES.index(outs[0].dtype), len(outs)]
+            for o in outs:
+                meta += [o.dim() - 1, *o.shape[1:]]
         rows = self.group.agree(error, meta)  # rank 0 always holds branch 0
         holders = [r for r in rows if r[0]]
-        if any(r[: 3 + r[2]] != holders[0][: 3 + holders[0][2]] for r in holders):
+        specs = [_spec(r) for r in holders]
+        if any(spec != specs[0] for spec in specs):
             raise RuntimeError(f"CFG group ranks predicted different shapes: {holders}")
-        dtype, ndim = _DTYPES[holders[0][1]], holders[0][2]
-        sample_shape = tuple(holders[0][3 : 3 + ndim])
+        dtype, shapes = specs[0]
+        sizes = [math.prod(shape) for shape in shapes]
         slots = -(-n // k)  # the most branches any rank holds
         rows_max = max(b.size for b in branches)  # every slot padded to the largest branch
-        send = torch.zeros((slots, rows_max, *sample_shape), dtype=dtype, device=self.group.device)
-        for j, p in enumerate(local):
-            send[j, : p.shape[0]] = p
+        send = torch.zeros((slots, rows_max, sum(sizes)), dtype=dtype, device=self.group.device)
+        for j, outputs in enumerate(local):
+            send[j, : outputs[0].shape[0]] = torch.cat([o.reshape(o.shape[0], -1) for o in outputs], dim=1)
         gathered = self.group.all_gather(send)
-        return [gathered[self.group.owner(i)][i // k][: b.size] for i, b in enumerate(branches)]
+        preds: list[Prediction] = []
+        for i, b in enumerate(branches):
+            flat = gathered[self.group.owner(i)][i // k][: b.size]
+            outputs = tuple(part.reshape(b.size, *shape) for part, shape in zip(flat.split(sizes, dim=1), shapes))
+            preds.append(outputs[0] if len(outputs) == 1 else outputs)
+        return preds
+
+
+def _spec(row: list[int]) -> tuple[torch.dtype, list[tuple[int, ...]]]:
+    """(dtype, per-output sample shapes) from a holder's header row."""
+    dtype, count, shapes, at = _DTYPES[row[1]], row[2], [], 3
+    for _ in range(count):
+        ndim = row[at]
+        shapes.append(tuple(row[at + 1 : at + 1 + ndim]))
+        at += 1 + ndim
+    return dtype, shapes

@@ -11,6 +11,7 @@ expects, and every step is recorded.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from parallel.branches import split_branches
-from parallel.executors import CfgParallelExecutor, SerialBranchExecutor
+from parallel.executors import CfgParallelExecutor, Prediction, SerialBranchExecutor
 from pipeline.families.base import Calls, CfgConvention
 from pipeline.gating import CfgGate
 from pipeline.samples import StepRecord
@@ -32,23 +33,48 @@ Executor = SerialBranchExecutor | CfgParallelExecutor
 
 @dataclass
 class DenoiseTrace:
-    """What the intercept recorded over one pipeline call."""
+    """What the intercept recorded over one pipeline call.
+
+    Args:
+        steps: the steps recorded so far.
+        batch: B, samples in the call.
+        cfg_gate_step: gating fraction F of every auxiliary branch without its own.
+        cfg_gate_steps: per auxiliary branch name, its own F.
+        cfg_gate_cosine: the adaptive threshold G of every auxiliary branch, or None.
+    """
 
     steps: list[StepRecord]
-    gate: CfgGate
-    """Gating state at the end of the call: invalidations, first reused step."""
+    batch: int = 1
+    cfg_gate_step: float = 1.0
+    cfg_gate_steps: dict[str, float] = field(default_factory=dict)
+    cfg_gate_cosine: float | None = None
+    gates: dict[str, CfgGate] = field(default_factory=dict)
+    """Per auxiliary branch (every branch but cond: uncond, stg, modality, cond_skip), its
+    gating state at the end of the call: invalidations, first reused step."""
     first_nonfinite: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per branch ("cond", "uncond"): (B,) int64 on the prediction's device, the first step at
     which the sample's prediction held a NaN or an infinity, -1 if none. Kept on the device so
     the check costs no synchronization per step."""
+
+    def gate_of(self, branch: str) -> CfgGate:
+        """The gate of an auxiliary branch (made on first use, with its own F if it has one)."""
+        if branch not in self.gates:
+            fraction = self.cfg_gate_steps.get(branch, self.cfg_gate_step)
+            self.gates[branch] = CfgGate(fraction, self.batch, self.cfg_gate_cosine)
+        return self.gates[branch]
+
+    @property
+    def gate(self) -> CfgGate:
+        """The uncond branch's gate."""
+        return self.gate_of("uncond")
 
     def check_finite(self, step: int, predictions: dict[str, torch.Tensor]) -> None:
         """Record which samples' predictions are not finite at ``step``.
 
         Args:
             step: 0-based step index.
-            predictions: branch name -> (B, ...) prediction of every sample (the uncond one
-                as handed to the pipeline, reused or fresh).
+            predictions: branch name -> (B, ...) prediction of every sample (an auxiliary one
+                as handed to the pipeline, reused or fresh; several outputs packed, see _pack).
         """
         for name, pred_B in predictions.items():
             bad_B = ~torch.isfinite(pred_B).reshape(pred_B.shape[0], -1).all(dim=1)
@@ -83,26 +109,68 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     raise TypeError("denoiser called without a tensor argument")
 
 
-def _rebuild(template: Any, prediction: torch.Tensor, return_dict: bool) -> Any:
-    """The module's own output type (tuple or diffusers BaseOutput) holding ``prediction``.
+def _rebuild(template: Any, prediction: Prediction, return_dict: bool) -> Any:
+    """The module's own output type (tuple or diffusers BaseOutput) holding ``prediction``
+    (one tensor, or a tuple for a denoiser with several outputs, in its leading fields).
 
     ``template`` is None on a CFG rank that ran no branch this step: diffusers' convention
-    (a 1-tuple, or an output whose first field is the sample) is rebuilt from ``return_dict``.
+    (a tuple, or an output whose first field is the sample) is rebuilt from ``return_dict``.
+
+    Raises:
+        RuntimeError: a multi-output denoiser called with return_dict=True on a rank that ran
+            none of the step's branches (its output class is unknown there).
     """
+    outputs = prediction if isinstance(prediction, tuple) else (prediction,)
     if template is None:
-        return DenoiserOutput(sample=prediction) if return_dict else (prediction,)
+        if not return_dict:
+            return outputs
+        if len(outputs) > 1:
+            raise RuntimeError("a denoiser with several outputs called with return_dict=True "
+                               "on a CFG rank that ran none of its branches")  # fmt: skip
+        return DenoiserOutput(sample=prediction)
     if isinstance(template, torch.Tensor):
         return prediction
     if isinstance(template, tuple):
-        return (prediction, *template[1:])
+        return (*outputs, *template[len(outputs) :])
     fields = list(template.keys())
-    return type(template)(**{k: prediction if k == fields[0] else template[k] for k in fields})
+    values = {**{k: template[k] for k in fields}, **dict(zip(fields, outputs))}
+    return type(template)(**values)
 
 
-def _prediction(output: Any) -> torch.Tensor:
+def _prediction(output: Any, outputs: int) -> Prediction:
+    """The prediction(s) in a denoiser's output: its first field, or its first ``outputs``."""
     if isinstance(output, torch.Tensor):
         return output
-    return output[0]
+    return output[0] if outputs == 1 else tuple(output[i] for i in range(outputs))
+
+
+Spec = tuple[tuple[int, ...], ...] | None
+"""Per-sample shapes of a multi-output prediction's tensors; None for a single tensor."""
+
+
+def _pack(prediction: Prediction) -> tuple[torch.Tensor, Spec]:
+    """One (samples, ...) tensor for gating and checks: a tuple's outputs flattened per sample
+    and concatenated (bytes copied, not changed: ``cond - delta`` is elementwise, so packing
+    gives the same values as per output; the adaptive rule's cosine covers every output)."""
+    if isinstance(prediction, torch.Tensor):
+        return prediction, None
+    spec = tuple(tuple(p.shape[1:]) for p in prediction)
+    return torch.cat([p.reshape(p.shape[0], -1) for p in prediction], dim=1), spec
+
+
+def _unpack(packed: torch.Tensor, spec: Spec) -> Prediction:
+    """Inverse of _pack."""
+    if spec is None:
+        return packed
+    sizes = [math.prod(shape) for shape in spec]
+    return tuple(part.reshape(packed.shape[0], *shape) for part, shape in zip(packed.split(sizes, dim=1), spec))
+
+
+def _cat(predictions: list[Prediction]) -> Prediction:
+    """Predictions concatenated on dim 0 (output by output)."""
+    if isinstance(predictions[0], torch.Tensor):
+        return torch.cat(predictions, dim=0)
+    return tuple(torch.cat(outs, dim=0) for outs in zip(*predictions))
 
 
 def bind_arguments(signature: inspect.Signature | None, args: tuple[Any, ...],
@@ -165,9 +233,11 @@ class DenoiserHook:
 
     At the first denoiser call of a step the hook builds every branch of the step: those of
     this call, split by the convention's argument map, and those the pipeline computes in its
-    later calls of the step (Wan's and Flux's uncond, SD3's skip-layer cond), built from the
-    cond branch with the inputs ``branch_inputs`` gives for them. The executor runs them all;
-    this call gets its own predictions back and each later call is served from the rest.
+    later calls of the step (Wan's and Flux's uncond, SD3's skip-layer cond, LTX-2's stg and
+    modality), built from the cond branch with the inputs ``branch_inputs`` gives for them.
+    CFG gating decides, per auxiliary branch and sample, whether it runs or is rebuilt from
+    its cached delta to cond; the executor runs the rest. This call gets its own predictions
+    back and each later call is served from the rest.
 
     Args:
         pipe: the diffusers pipeline.
@@ -175,32 +245,38 @@ class DenoiserHook:
         executor: runs a step's branches (on this rank, or across its CFG group).
         step_calls: the calls of a step, (step, num_steps, guidance) -> calls; default: the
             convention's calls under guidance, one cond call without.
+        auxiliary: every auxiliary branch the family may run (Family.auxiliary_branches): the
+            per-branch states recorded at each step; default: those of the convention.
     """
 
     def __init__(self, pipe: Any, convention: CfgConvention, executor: Executor,
-                 step_calls: StepCalls | None = None) -> None:  # fmt: skip
+                 step_calls: StepCalls | None = None, auxiliary: tuple[str, ...] | None = None) -> None:  # fmt: skip
         self.pipe = pipe
         self.convention = convention
         self.executor = executor
         self.step_calls = step_calls or (lambda step, n, guidance: convention.calls if guidance else (("cond",),))
+        self.auxiliary = auxiliary if auxiliary is not None else tuple(
+            n for n in convention.branch_order if n != "cond")  # fmt: skip
 
     @contextmanager
     def intercept(self, *, batch: int, guidance: bool, cfg_gate_step: float = 1.0,
-                  cfg_gate_cosine: float | None = None,
+                  cfg_gate_steps: dict[str, float] | None = None, cfg_gate_cosine: float | None = None,
                   branch_inputs: dict[str, dict[str, Any]] | None = None) -> Iterator[DenoiseTrace]:  # fmt: skip
         """Wrap the denoisers for one pipeline call; yields the trace its steps are recorded in.
 
         Args:
             batch: B, samples in the micro-batch.
-            guidance: whether the pipeline runs CFG (guidance_scale > 1).
-            cfg_gate_step: gating fraction F in [0, 1]; 1.0 = off (see pipeline.gating).
+            guidance: whether the pipeline runs CFG (an uncond branch).
+            cfg_gate_step: gating fraction F in [0, 1] of every auxiliary branch; 1.0 = off
+                (see pipeline.gating).
+            cfg_gate_steps: per auxiliary branch, its own F (overrides cfg_gate_step).
             cfg_gate_cosine: adaptive gating threshold G, or None.
             branch_inputs: for each branch computed in a later call of a step, its denoiser
                 arguments that differ from the cond branch's (Family.branch_inputs).
         Raises:
             ValueError: a step has a later-call branch without ``branch_inputs``.
         """
-        trace = DenoiseTrace([], CfgGate(cfg_gate_step, batch, cfg_gate_cosine))
+        trace = DenoiseTrace([], batch, cfg_gate_step, dict(cfg_gate_steps or {}), cfg_gate_cosine)
         modules = [
             (name, getattr(self.pipe, name))
             for name in self.convention.denoisers
@@ -222,7 +298,7 @@ class DenoiserHook:
     def _wrap(self, name: str, forward: Any, signature: inspect.Signature | None, batch: int,
               guidance: bool, trace: DenoiseTrace, branch_inputs: dict[str, dict[str, Any]]):  # fmt: skip
         conv = self.convention
-        pending: list[tuple[int, torch.Tensor]] = []  # later calls of this step: (batch, prediction)
+        pending: list[tuple[int, Prediction]] = []  # later calls of this step: (batch, prediction)
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             return_dict = kwargs.get("return_dict", True)
@@ -250,10 +326,10 @@ class DenoiserHook:
                 )
             template: list[Any] = []
 
-            def run(a: tuple[Any, ...], k: dict[str, Any]) -> torch.Tensor:
+            def run(a: tuple[Any, ...], k: dict[str, Any]) -> Prediction:
                 out = forward(*a, **k)
                 template.append(out)
-                return _prediction(out)
+                return _prediction(out, conv.outputs)
 
             branches = split_branches(calls[0], rest, named, batch * len(calls[0]), conv.sample_keys)
             cond = next((b for b in branches if b.name == "cond"), None)
@@ -264,24 +340,28 @@ class DenoiserHook:
                     branches.append(cond.with_inputs(branch, 0 if conv.merge_calls else index,
                                                      **branch_inputs[branch]))  # fmt: skip
             names = [b.name for b in branches]
-            gate = trace.gate
-            gated = guidance and "uncond" in names and gate.active
-            fresh = gate.fresh(step, num_steps, name) if gated else list(range(batch))
-            running = [b.take(fresh) if b.name == "uncond" else b
-                       for b in branches if b.name != "uncond" or fresh]  # fmt: skip
+            # Gating: each auxiliary branch runs on the samples its gate says are fresh.
+            aux = [n for n in names if n != "cond"] if cond is not None else []
+            fresh = {n: trace.gate_of(n).fresh(step, num_steps, name) for n in aux}
+            running = [b.take(fresh[b.name]) if b.name in fresh else b
+                       for b in branches if b.name not in fresh or fresh[b.name]]  # fmt: skip
             ran = dict(zip([b.name for b in running], self.executor.run(running, run)))
-            if "uncond" in names:
-                ran["uncond"] = gate.combine(name, fresh, ran["cond"], ran.get("uncond"))
-            trace.check_finite(step, ran)
-            fresh_set = set(fresh)
-            unconds = tuple(
-                "none" if "uncond" not in names else "fresh" if i in fresh_set else "reused"
-                for i in range(batch)
-            )
+            packed, spec = {}, None
+            for n, prediction in ran.items():
+                packed[n], spec = _pack(prediction)
+            for n in aux:
+                packed[n] = trace.gate_of(n).combine(name, fresh[n], packed["cond"], packed.get(n))
+            trace.check_finite(step, packed)
+            preds = {n: _unpack(packed[n], spec) if n not in ran or n in fresh else ran[n] for n in names}
+            states = []
+            for n in dict.fromkeys((*self.auxiliary, *aux)):
+                mine = set(fresh.get(n, ()))
+                states.append((n, tuple("none" if n not in fresh else "fresh" if i in mine else "reused"
+                                        for i in range(batch))))  # fmt: skip
+            unconds = dict(states).get("uncond", ("none",) * batch)
             for call in calls[1:]:
-                pending.append((batch * len(call), torch.cat([ran[n] for n in call], dim=0)))
-            result = _rebuild(template[0] if template else None,
-                              torch.cat([ran[n] for n in calls[0]], dim=0), return_dict)  # fmt: skip
+                pending.append((batch * len(call), _cat([preds[n] for n in call])))
+            result = _rebuild(template[0] if template else None, _cat([preds[n] for n in calls[0]]), return_dict)
             timestep = named.get("timestep", 0)
             trace.steps.append(
                 StepRecord(
@@ -292,6 +372,7 @@ class DenoiserHook:
                     step_s=time.perf_counter() - start,
                     branches=tuple(self.executor.last_layout),
                     unconds=unconds,
+                    sample_states=tuple(states),
                 )
             )
             return result

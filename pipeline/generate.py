@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,7 +64,8 @@ class StageRunner:
             if self.group.size > 1
             else SerialBranchExecutor(batched=cfg_batching)
         )
-        self.hook = DenoiserHook(pipe, self.family.convention, executor, self.family.step_calls)
+        self.hook = DenoiserHook(pipe, self.family.convention, executor, self.family.step_calls,
+                                 self.family.auxiliary_branches)  # fmt: skip
         self.guidance_rescale = guidance_rescale
         self.cfg_gate_cosine = cfg_gate_cosine
 
@@ -130,6 +131,7 @@ class StageRunner:
             start = time.perf_counter()
             with self.hook.intercept(batch=len(requests), guidance=guidance,
                                      cfg_gate_step=first.cfg_gate_step,
+                                     cfg_gate_steps=dict(first.cfg_gate_steps),
                                      cfg_gate_cosine=self.cfg_gate_cosine,
                                      branch_inputs=self.family.branch_inputs(cond)) as trace:  # fmt: skip
                 latents = self.family.denoise(
@@ -147,23 +149,27 @@ class StageRunner:
 
         results = []
         nonfinite = trace.nonfinite_errors(len(requests))
+        parts = latents if isinstance(latents, tuple) else (latents,)  # LTX-2: (video, audio)
+        gates = {n: g for n, g in trace.gates.items() if g.active}
         for i, request in enumerate(requests):
             result = SampleResult(
                 request,
                 warning=warnings[i],
-                steps=[replace(s, uncond=s.unconds[i]) for s in trace.steps],
+                steps=[s.for_sample(i) for s in trace.steps],
                 denoise_s=denoise_s,
-                invalidations=trace.gate.invalidations,
+                invalidations=sum(g.invalidations for g in gates.values()),
                 gate_step=trace.gate.first_reused[i],
+                branch_gates=tuple((n, g.first_reused[i], g.invalidations) for n, g in gates.items()),
             )
+            mine = tuple(p[i : i + 1] for p in parts)
             if nonfinite[i]:
                 result.error = nonfinite[i]
-            elif not torch.isfinite(latents[i]).all():
+            elif not all(torch.isfinite(p).all() for p in mine):
                 result.error = "non-finite latents after denoising"
             elif decode[i]:
                 try:  # one image per VAE call (diffusers' VAE slicing)
-                    result.image = self.family.decode(latents[i : i + 1], height=request.height,
-                                                      width=request.width)[0]
+                    result.image = self.family.decode(mine if isinstance(latents, tuple) else mine[0],
+                                                      height=request.height, width=request.width)[0]  # fmt: skip
                 except Exception as exc:  # noqa: BLE001 - only this image is lost
                     result.error = f"decode: {type(exc).__name__}: {exc}"
             results.append(result)

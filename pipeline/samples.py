@@ -7,7 +7,7 @@ pipeline.generate and pipeline.denoiser.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -32,6 +32,16 @@ class StepRecord:
     unconds: tuple[str, ...] = ()
     """Per sample of the micro-batch: "fresh", "reused" or "none" (``uncond`` is the
     sample's own value once results are split per sample)."""
+    sample_states: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Per auxiliary branch of the family (uncond, stg, modality, cond_skip): (name, per sample
+    of the micro-batch "fresh", "reused" or "none" (not run at this step))."""
+    branch_states: tuple[tuple[str, str], ...] = ()
+    """Once results are split per sample: (auxiliary branch, this sample's state) of each."""
+
+    def for_sample(self, i: int) -> StepRecord:
+        """This step as sample ``i`` of the micro-batch saw it (its own uncond and branch states)."""
+        return replace(self, uncond=self.unconds[i] if self.unconds else self.uncond,
+                       branch_states=tuple((n, st[i]) for n, st in self.sample_states))  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,14 +85,17 @@ class SampleRequest:
     cfg_gate_step: float = 1.0
     """CFG gating fraction F in [0, 1]: from step int(steps * F) on, uncond is rebuilt from the
     cached delta (pipeline.gating); 1.0 = off."""
+    cfg_gate_steps: tuple[tuple[str, float], ...] = ()
+    """Per auxiliary branch, its own gating fraction, overriding cfg_gate_step for it
+    (``--cfg-gate-step uncond=0.6,stg=0.3``); () = cfg_gate_step for every branch."""
     num_frames: int | None = None
     """Video models: frames to generate; None for image models."""
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float, float | None, float, int | None]:
+    def batch_key(self) -> tuple[Any, ...]:
         """Requests may share a pipeline call only when these are equal."""
         return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                self.true_cfg_scale, self.cfg_gate_step, self.num_frames)  # fmt: skip
+                self.true_cfg_scale, self.cfg_gate_step, self.cfg_gate_steps, self.num_frames)  # fmt: skip
 
 
 @dataclass
@@ -99,8 +112,12 @@ class SampleResult:
     """A note on a generated sample, e.g. its prompt was truncated by the text encoder."""
     steps: list[StepRecord] = field(default_factory=list)
     invalidations: int = 0
-    """Cached guidance deltas dropped on a denoiser switch (shared by the micro-batch)."""
+    """Cached guidance deltas dropped on a denoiser switch, over every auxiliary branch
+    (shared by the micro-batch)."""
     gate_step: int | None = None
     """First step whose uncond was reused, or None if every uncond was fresh."""
+    branch_gates: tuple[tuple[str, int | None, int], ...] = ()
+    """Per auxiliary branch that ran: (name, first step it was reused or None, its
+    invalidations)."""
     denoise_s: float = 0.0
     """Wall seconds of the micro-batch's denoise stage (shared by its images)."""

@@ -141,6 +141,10 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         problem = family.check_num_frames(num_frames)
         if problem:
             raise JobError(f"--num-frames {num_frames}: {problem}")
+    unknown = [n for n, _ in config.cfg_gate_steps if n not in family.auxiliary_branches]
+    if unknown:
+        raise JobError(f"--cfg-gate-step {unknown[0]}=...: {model.name} ({type(pipe).__name__}) has no branch "
+                       f"{unknown[0]}; its auxiliary branches: {', '.join(family.auxiliary_branches)}")  # fmt: skip
     own = family.call_defaults
     if config.true_cfg_scale is not None and "true_cfg_scale" not in own:
         raise JobError(f"--true-cfg-scale {config.true_cfg_scale:g}: {model.name} "
@@ -152,6 +156,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         guidance_scale=own.get("guidance_scale", 7.5) if config.guidance_scale is None else config.guidance_scale,
         true_cfg_scale=own.get("true_cfg_scale") if config.true_cfg_scale is None else config.true_cfg_scale,
         cfg_gate_step=config.cfg_gate_step,
+        cfg_gate_steps=config.cfg_gate_steps,
         num_frames=num_frames,
         images_per_prompt=config.images_per_prompt,
         seed=config.seed,

@@ -18,6 +18,14 @@ from jobs.rows import PlannedSample
 from pipeline.samples import SampleResult
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+BRANCH_COUNTS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("fresh", pa.int64()), ("reused", pa.int64()),
+                                         ("gate_step", pa.int64()), ("invalidations", pa.int64())]))  # fmt: skip
+"""Per auxiliary branch of a sample (uncond, stg, modality, cond_skip): its fresh and reused
+steps, its first reused step (null if none) and its dropped deltas."""
+BRANCH_COUNTS_FEATURE = {"feature": {"name": {"dtype": "string", "_type": "Value"},
+                                     **{k: {"dtype": "int64", "_type": "Value"}
+                                        for k in ("fresh", "reused", "gate_step", "invalidations")}},
+                         "_type": "List"}  # fmt: skip
 
 RESOLVED_COLUMNS = ("seed", "width", "height", "num_inference_steps", "guidance_scale", "true_cfg_scale",
                     "cfg_gate_step", "num_frames")  # fmt: skip
@@ -38,6 +46,7 @@ _TAIL = [
     ("cfg_gate_step", pa.float64()),
     ("fresh_uncond", pa.int64()),
     ("reused_uncond", pa.int64()),
+    ("branch_counts", BRANCH_COUNTS_TYPE),
     ("invalidations", pa.int64()),
     ("gate_step", pa.int64()),
     ("denoise_s", pa.float64()),
@@ -53,6 +62,8 @@ STEPS_SCHEMA = pa.schema(
         ("step_s", pa.float64()),
         # CFG layout: which rank of the sample's CFG group ran each branch, in branch order.
         ("branches", pa.list_(pa.struct([("name", pa.string()), ("cfg_rank", pa.int32())]))),
+        # Per auxiliary branch of the family: "fresh", "reused" or "none" (not run this step).
+        ("branch_states", pa.list_(pa.struct([("name", pa.string()), ("state", pa.string())]))),
     ]
 )
 
@@ -104,7 +115,7 @@ def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schem
     passthrough = [f for f in manifest_schema if f.name not in RESOLVED_COLUMNS]
     schema = pa.schema([*_HEAD, *passthrough, *_tail(media)])
     features: dict[str, dict[str, str]] = {}
-    kinds = {"image": {"_type": "Image"}, "video": {"_type": "Video"}}
+    kinds = {"image": {"_type": "Image"}, "video": {"_type": "Video"}, "branch_counts": BRANCH_COUNTS_FEATURE}
     for f in schema:
         feature = kinds.get(f.name) or _hf_feature(f.type)
         if feature is None:  # nested passthrough: let datasets infer everything
@@ -169,6 +180,7 @@ def samples_table(
         steps = r.steps if r is not None else []
         cols["fresh_uncond"].append(sum(s.uncond == "fresh" for s in steps))
         cols["reused_uncond"].append(sum(s.uncond == "reused" for s in steps))
+        cols["branch_counts"].append(branch_counts(r) if r is not None else [])
         cols["invalidations"].append(r.invalidations if r is not None else 0)
         cols["gate_step"].append(r.gate_step if r is not None else None)
         cols["denoise_s"].append(r.denoise_s if r is not None else 0.0)
@@ -179,6 +191,21 @@ def samples_table(
         for f in schema
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def branch_counts(result: SampleResult) -> list[dict]:
+    """The ``branch_counts`` entries of a sample: each auxiliary branch that ran at least once,
+    in the family's branch order."""
+    gates = {name: (first, drops) for name, first, drops in result.branch_gates}
+    out = []
+    names = dict.fromkeys(n for s in result.steps for n, _ in s.branch_states)
+    for name in names:
+        states = [st for s in result.steps for n, st in s.branch_states if n == name]
+        fresh, reused = states.count("fresh"), states.count("reused")
+        if fresh or reused:
+            first, drops = gates.get(name, (None, 0))
+            out.append({"name": name, "fresh": fresh, "reused": reused, "gate_step": first, "invalidations": drops})
+    return out
 
 
 def steps_table(results: Sequence[SampleResult]) -> pa.Table:
@@ -192,6 +219,7 @@ def steps_table(results: Sequence[SampleResult]) -> pa.Table:
             "uncond": s.uncond,
             "step_s": s.step_s,
             "branches": [{"name": n, "cfg_rank": k} for n, k in s.branches],
+            "branch_states": [{"name": n, "state": st} for n, st in s.branch_states],
         }
         for r in results
         if r.image is not None

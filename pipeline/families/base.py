@@ -46,6 +46,9 @@ class CfgConvention:
     """Per-sample denoiser arguments (see the class docstring)."""
     latents_key: str
     """The denoiser argument holding the latents: its dim 0 is the call's batch."""
+    outputs: int = 1
+    """How many leading fields of the denoiser's output are per-sample predictions (LTX-2: 2,
+    video and audio); the intercept splits, gathers and gates them together."""
     merge_calls: bool = False
     """With cfg batching, run the branches of different calls of a step as one forward (faster,
     but not the pipeline's own forwards: rounding differs); False runs each call's forward as
@@ -102,9 +105,20 @@ class Family:
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
 
+    extra_branches: ClassVar[tuple[str, ...]] = ()
+    """Branches some steps add beyond the convention's calls (SD3's skip-layer "cond_skip")."""
+
     @property
     def denoiser_names(self) -> tuple[str, ...]:
         return self.convention.denoisers
+
+    @property
+    def auxiliary_branches(self) -> tuple[str, ...]:
+        """Every branch but cond that a step of this family may run, in call order (uncond,
+        then the family's own: LTX-2's stg and modality, SD3's cond_skip): the branches CFG
+        gating can rebuild from a cached delta to cond, and the per-branch statistics."""
+        names = (*self.convention.branch_order, *self.extra_branches)
+        return tuple(dict.fromkeys(n for n in names if n != "cond"))
 
     @cached_property
     def gen_defaults(self) -> dict[str, int]:

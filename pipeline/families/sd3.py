@@ -12,7 +12,8 @@ cond only, with ``skip_layers`` (diffusers pipelines/stable_diffusion_3/pipeline
   only under CFG. It cannot share a forward with the other branches (a different
   ``skip_layers``), so it is its own forward, as in the stock pipeline, and goes to its own
   rank of a CFG group. The pipeline combines: ``u + g (c - u)``, then ``+ (c - c_skip) s``.
-  CFG gating never rebuilds cond_skip: it runs fresh on every step of its window.
+  CFG gating treats cond_skip as any auxiliary branch: past its gate step (``--cfg-gate-step``,
+  or its own ``cond_skip=F``) it is rebuilt from the cached delta ``cond - cond_skip``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class StableDiffusion3Family(Family):
         latents_key="hidden_states",
     )
     call_defaults = {"num_inference_steps": 28, "guidance_scale": 7.0}
+    extra_branches = ("cond_skip",)
     slg_defaults = {"skip_layer_guidance_scale": 2.8, "skip_layer_guidance_start": 0.01,
                     "skip_layer_guidance_stop": 0.2}  # fmt: skip
     """StableDiffusion3Pipeline.__call__'s skip-layer guidance defaults."""

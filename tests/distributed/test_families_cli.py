@@ -8,7 +8,7 @@ tiny-pixart-sigma, tiny-qwenimage), on 3 PartiPrompts (2 with a negative prompt)
   ...)`` byte for byte;
 - ``--gpus 2 --cfg-parallel-size 2 --no-cfg-batching`` equals ``--gpus 1 --no-cfg-batching``
   byte for byte, images and step records, with ``--cfg-gate-step 0.5`` giving the expected
-  fresh / reused counts in both parquets (SD3's cond_skip: also on 3 ranks, never gated);
+  fresh / reused counts in both parquets (SD3's cond_skip, gated like uncond: also on 3 ranks);
 - distilled Flux (one branch) on a CFG group of 2 cuts each step by samples.
 """
 
@@ -98,7 +98,7 @@ def test_batch_size_1_equals_the_stock_pipe_loop(family: str, manifest: Path, tm
             f"{np.abs(got.astype(int) - expected.astype(int)).max()}"
 
 
-STEP_COLUMNS = ["sample_id", "step_index", "timestep", "denoiser", "uncond", "branches"]
+STEP_COLUMNS = ["sample_id", "step_index", "timestep", "denoiser", "uncond", "branches", "branch_states"]
 
 
 @pytest.mark.parametrize("family", sorted(GUIDED))
@@ -118,14 +118,24 @@ def test_cfg_parallel_equals_serial_and_gating_counts(family: str, manifest: Pat
             [{k: v for k, v in s.items() if k != "branches"} for s in serial_steps]  # fmt: skip
         ranks = {b["cfg_rank"] for s in steps for b in s["branches"]}
         assert ranks == set(range(int(layout[-1]))), (key, ranks)  # every rank ran branches
+    half = STEPS // 2
+    uncond_counts = {"name": "uncond", "fresh": half, "reused": STEPS - half, "gate_step": half, "invalidations": 0}
+    # The skip-layer branch is in the pipeline's window on steps 1..N-1 (i > 0): fresh on step
+    # 1, reused from its delta to cond from the gate step (2) on.
+    skip_counts = {"name": "cond_skip", "fresh": half - 1, "reused": STEPS - half, "gate_step": half,
+                   "invalidations": 0}  # fmt: skip
+    expected_counts = [uncond_counts, skip_counts] if family == "sd3-slg" else [uncond_counts]
     for table in (serial, pq.read_table(tmp_path / "g2" / "samples")):
-        assert table.column("fresh_uncond").to_pylist() == [STEPS // 2] * 3
-        assert table.column("reused_uncond").to_pylist() == [STEPS - STEPS // 2] * 3
-    per_step = [s["uncond"] for s in serial_steps if s["sample_id"] == serial_steps[0]["sample_id"]]
-    assert per_step == ["fresh"] * (STEPS // 2) + ["reused"] * (STEPS - STEPS // 2)
-    if family == "sd3-slg":  # the skip-layer branch runs on steps 1..N-1 (i > 0), always fresh
-        skip = [[b["name"] for b in s["branches"]].count("cond_skip") for s in serial_steps[:STEPS]]
-        assert skip == [0] + [1] * (STEPS - 1)
+        assert table.column("fresh_uncond").to_pylist() == [half] * 3
+        assert table.column("reused_uncond").to_pylist() == [STEPS - half] * 3
+        assert table.column("branch_counts").to_pylist() == [expected_counts] * 3
+    first = [s for s in serial_steps if s["sample_id"] == serial_steps[0]["sample_id"]]
+    assert [s["uncond"] for s in first] == ["fresh"] * half + ["reused"] * (STEPS - half)
+    if family == "sd3-slg":
+        states = [{b["name"]: b["state"] for b in s["branch_states"]} for s in first]
+        assert [st["cond_skip"] for st in states] == ["none", "fresh", "reused", "reused"]
+        skip = [[b["name"] for b in s["branches"]].count("cond_skip") for s in first]
+        assert skip == [0, 1, 0, 0]
         on_three = pq.read_table(tmp_path / "g3" / "steps", columns=STEP_COLUMNS).to_pylist()
         assert {b["cfg_rank"] for b in on_three[1]["branches"] if b["name"] == "cond_skip"} == {2}
 

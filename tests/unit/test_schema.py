@@ -38,7 +38,8 @@ def _rows() -> pa.Table:
 def _steps(*unconds: str) -> list[StepRecord]:
     return [
         StepRecord(i, 900.0 - 100 * i, "unet", u, 0.01 * (i + 1),
-                   (("uncond", 0), ("cond", 1)) if u == "fresh" else (("cond", 0),))
+                   (("uncond", 0), ("cond", 1)) if u == "fresh" else (("cond", 0),),
+                   branch_states=(("uncond", u),))
         for i, u in enumerate(unconds)
     ]  # fmt: skip
 
@@ -176,12 +177,14 @@ def test_steps_table() -> None:
     both = [{"name": "uncond", "cfg_rank": 0}, {"name": "cond", "cfg_rank": 1}]
     assert table.to_pylist() == [
         {"sample_id": "a-0", "step_index": 0, "timestep": 900.0, "denoiser": "unet",
-         "uncond": "fresh", "step_s": pytest.approx(0.01), "branches": both},
+         "uncond": "fresh", "step_s": pytest.approx(0.01), "branches": both,
+         "branch_states": [{"name": "uncond", "state": "fresh"}]},
         {"sample_id": "a-0", "step_index": 1, "timestep": 800.0, "denoiser": "unet",
-         "uncond": "fresh", "step_s": pytest.approx(0.02), "branches": both},
+         "uncond": "fresh", "step_s": pytest.approx(0.02), "branches": both,
+         "branch_states": [{"name": "uncond", "state": "fresh"}]},
         {"sample_id": "b-0", "step_index": 0, "timestep": 900.0, "denoiser": "unet",
          "uncond": "none", "step_s": pytest.approx(0.01),
-         "branches": [{"name": "cond", "cfg_rank": 0}]},
+         "branches": [{"name": "cond", "cfg_rank": 0}], "branch_states": [{"name": "uncond", "state": "none"}]},
     ]  # fmt: skip
 
 
