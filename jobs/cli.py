@@ -35,7 +35,15 @@ def main() -> None:
 @click.option("--skip-layer-guidance-stop", type=float, help="SD3: fraction of the steps where it stops [default: 0.2].")
 @click.option("--cfg-gate-step", default="1", show_default=True, help="Fraction F in [0, 1] of the steps after which every auxiliary branch (uncond; SD3 cond_skip; LTX-2 stg, modality) is skipped and rebuilt from its cached delta to cond; 1 = off. Per branch: uncond=0.6,stg=0.3 (others off), or 0.5,stg=0.3.")
 @click.option("--cfg-gate-cosine", type=float, help="Adaptive gating: a sample stops running the uncond forward once the cosine similarity of its cond and uncond predictions reaches this, in [-1, 1] [default: off].")
-@click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="diffusers' guidance_rescale in [0, 1].")
+@click.option("--guidance-rescale", type=float, help="diffusers' guidance_rescale in [0, 1] [default: the pipeline's own: 0, LTX-2 0.7].")
+@click.option("--stg-scale", type=float, help="LTX-2: spatio-temporal guidance scale; 0 = no stg branch [default: 1].")
+@click.option("--modality-scale", type=float, help="LTX-2: modality-isolation guidance scale; <= 1 = no modality branch [default: 3].")
+@click.option("--audio-guidance-scale", type=float, help="LTX-2: CFG scale of the audio [default: 7].")
+@click.option("--audio-stg-scale", type=float, help="LTX-2: stg scale of the audio [default: 1].")
+@click.option("--audio-modality-scale", type=float, help="LTX-2: modality scale of the audio [default: 3].")
+@click.option("--audio-guidance-rescale", type=float, help="LTX-2: guidance_rescale of the audio [default: 0.7].")
+@click.option("--spatio-temporal-guidance-blocks", help="LTX-2: comma-separated transformer blocks perturbed in the stg branch [default: the pipeline's, 28].")
+@click.option("--frame-rate", type=float, help="LTX-2: frames per second [default: 24].")
 @click.option("--height", type=int, help="Pixels [default: the model's native size].")
 @click.option("--width", type=int, help="Pixels [default: the model's native size].")
 @click.option("--num-frames", type=int, help="Video models: frames per video [default: the model's].")
@@ -75,7 +83,9 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
     use_slurm = options.pop("slurm")
     try:
         slurm = _slurm_options(slurm_args) if use_slurm else _no_slurm(slurm_args)
-        options["skip_guidance_layers"] = _layers(options["skip_guidance_layers"])
+        options["skip_guidance_layers"] = _layers(options["skip_guidance_layers"], "--skip-guidance-layers")
+        options["spatio_temporal_guidance_blocks"] = _layers(options["spatio_temporal_guidance_blocks"],
+                                                             "--spatio-temporal-guidance-blocks")  # fmt: skip
         options["cfg_gate_step"], options["cfg_gate_steps"] = parse_cfg_gate_step(options["cfg_gate_step"])
         config = BatchConfig(manifest=manifest, out=out or default_out_dir(manifest), **options)  # type: ignore[arg-type]
         if dry_run:
@@ -210,7 +220,7 @@ def _no_slurm(args: dict[str, object]) -> None:
     return None
 
 
-def _layers(text: object) -> tuple[int, ...] | None:
+def _layers(text: object, option: str) -> tuple[int, ...] | None:
     """``--skip-guidance-layers 7,8,9`` -> (7, 8, 9).
 
     Raises:
@@ -221,7 +231,7 @@ def _layers(text: object) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in str(text).split(",") if part.strip())
     except ValueError:
-        raise JobError(f"--skip-guidance-layers {text!r} is invalid: comma-separated block indices, "
+        raise JobError(f"{option} {text!r} is invalid: comma-separated block indices, "
                        "e.g. 7,8,9") from None
 
 

@@ -50,8 +50,26 @@ class BatchConfig:
     cfg_gate_cosine: float | None = None
     """Adaptive gating: a sample stops running uncond once cos(cond, uncond) >= this, in
     [-1, 1]; None = off."""
-    guidance_rescale: float = 0.0
-    """diffusers' guidance_rescale in [0, 1]; 0 = off."""
+    guidance_rescale: float | None = None
+    """diffusers' guidance_rescale in [0, 1]; 0 = off; None = the pipeline's own (0, LTX-2 0.7)."""
+    stg_scale: float | None = None
+    """LTX-2: spatio-temporal guidance scale >= 0 (0 = no stg branch); None = the pipeline's (1)."""
+    modality_scale: float | None = None
+    """LTX-2: modality-isolation guidance scale >= 0 (<= 1 = no modality branch, unless the
+    audio one is > 1); None = the pipeline's (3)."""
+    audio_guidance_scale: float | None = None
+    """LTX-2: CFG scale of the audio prediction; None = the pipeline's (7)."""
+    audio_stg_scale: float | None = None
+    """LTX-2: stg scale of the audio prediction; None = the pipeline's (1)."""
+    audio_modality_scale: float | None = None
+    """LTX-2: modality scale of the audio prediction; None = the pipeline's (3)."""
+    audio_guidance_rescale: float | None = None
+    """LTX-2: guidance_rescale of the audio prediction in [0, 1]; None = the pipeline's (0.7)."""
+    spatio_temporal_guidance_blocks: tuple[int, ...] | None = None
+    """LTX-2: transformer blocks perturbed in the stg branch, >= 0; None = the pipeline's ([28],
+    or the model's gen_defaults.json for built-in models)."""
+    frame_rate: float | None = None
+    """LTX-2: frames per second the video is conditioned on and written at, > 0; None = 24."""
     height: int | None = None
     """Pixels, > 0, multiple of 8; None = the model's native size."""
     width: int | None = None
@@ -103,12 +121,22 @@ class BatchConfig:
         object.__setattr__(self, "cfg_gate_steps", steps)
         need(self.cfg_gate_cosine is None or -1 <= self.cfg_gate_cosine <= 1, "--cfg-gate-cosine",
              self.cfg_gate_cosine, "must be in [-1, 1]")  # fmt: skip
-        need(
-            0 <= self.guidance_rescale <= 1,
-            "--guidance-rescale",
-            self.guidance_rescale,
-            "must be in [0, 1]",
-        )
+        for option, value in (("--guidance-rescale", self.guidance_rescale),
+                              ("--audio-guidance-rescale", self.audio_guidance_rescale)):  # fmt: skip
+            need(value is None or 0 <= value <= 1, option, value, "must be in [0, 1]")
+        for option, value in (("--stg-scale", self.stg_scale), ("--modality-scale", self.modality_scale),
+                              ("--audio-guidance-scale", self.audio_guidance_scale),
+                              ("--audio-stg-scale", self.audio_stg_scale),
+                              ("--audio-modality-scale", self.audio_modality_scale)):  # fmt: skip
+            need(value is None or (math.isfinite(value) and value >= 0), option, value, "must be >= 0")
+        need(self.frame_rate is None or (math.isfinite(self.frame_rate) and self.frame_rate > 0), "--frame-rate",
+             self.frame_rate, "must be > 0")  # fmt: skip
+        if self.spatio_temporal_guidance_blocks is not None:
+            blocks = tuple(self.spatio_temporal_guidance_blocks)
+            need(bool(blocks) and all(isinstance(i, int) and i >= 0 for i in blocks),
+                 "--spatio-temporal-guidance-blocks", ",".join(map(str, blocks)),
+                 "comma-separated block indices >= 0")  # fmt: skip
+            object.__setattr__(self, "spatio_temporal_guidance_blocks", blocks)
         for option, value in (("--height", self.height), ("--width", self.width)):
             need(
                 value is None or (value > 0 and value % 8 == 0),
@@ -162,6 +190,7 @@ class BatchConfig:
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
             "cfg_batching", "cfg_gate_step", "cfg_gate_steps", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
             "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
+            *LTX2_OPTIONS,
         )  # fmt: skip
         return {k: _lists(v) for k, v in self.to_dict().items() if k in keep}
 
@@ -169,8 +198,13 @@ class BatchConfig:
         """Options only some pipeline families take (diffusers' names), those that are set: the
         ranks hand them to the family, which refuses those it does not take."""
         names = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
-                 "skip_layer_guidance_stop")  # fmt: skip
+                 "skip_layer_guidance_stop", *LTX2_OPTIONS)  # fmt: skip
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+LTX2_OPTIONS = ("stg_scale", "modality_scale", "audio_guidance_scale", "audio_stg_scale", "audio_modality_scale",
+                "audio_guidance_rescale", "spatio_temporal_guidance_blocks", "frame_rate")  # fmt: skip
+"""LTX2Pipeline's own guidance and frame-rate arguments (its family takes them)."""
 
 
 def _lists(value: Any) -> Any:

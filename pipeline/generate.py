@@ -48,14 +48,15 @@ class StageRunner:
         pipe: a loaded diffusers pipeline of a supported family.
         cfg_batching: run a rank's CFG branches as one concatenated forward (True) or one
             forward per branch (False).
-        guidance_rescale: diffusers' guidance_rescale in [0, 1].
+        guidance_rescale: diffusers' guidance_rescale in [0, 1]; None = the family's own
+            (call_defaults, else 0).
         group: this rank's CFG group; None or size 1 runs every branch here.
         cfg_gate_cosine: adaptive CFG gating threshold G in [-1, 1], or None (pipeline.gating).
     Raises:
         UnsupportedPipelineError: the pipeline class is not supported.
     """
 
-    def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float,
+    def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float | None,
                  group: CfgGroup | None = None, cfg_gate_cosine: float | None = None) -> None:  # fmt: skip
         self.family = family_for(pipe)
         self.group = group or CfgGroup(None)
@@ -66,7 +67,8 @@ class StageRunner:
         )
         self.hook = DenoiserHook(pipe, self.family.convention, executor, self.family.step_calls,
                                  self.family.auxiliary_branches)  # fmt: skip
-        self.guidance_rescale = guidance_rescale
+        own = self.family.call_defaults.get("guidance_rescale", 0.0)
+        self.guidance_rescale = own if guidance_rescale is None else guidance_rescale
         self.cfg_gate_cosine = cfg_gate_cosine
 
     def run(self, requests: Sequence[SampleRequest], decode: Sequence[bool] | None = None) -> BatchOutput:
