@@ -27,7 +27,7 @@ from jobs.manifest import open_manifest, read_rows
 from jobs.memory import peak_rss_bytes
 from jobs.output.failpoints import failpoint
 from jobs.output.lock import check_owner
-from jobs.output.schema import samples_schema, samples_table, steps_table
+from jobs.output.schema import VIDEO_KINDS, samples_schema, samples_table, steps_table
 from jobs.output.store import OutputDir, write_json
 from jobs.plan import deal, micro_batches, select_shards
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
@@ -136,7 +136,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             raise JobError(f"{option} {value} is invalid: {model.name} needs a multiple of "
                            f"{family.size_multiple} (its VAE scale x patch size)")  # fmt: skip
     num_frames = None
-    if family.output_kind == "video":
+    if family.output_kind in VIDEO_KINDS:  # "video", "audio_video"
         num_frames = config.num_frames or family.default_num_frames
         problem = family.check_num_frames(num_frames)
         if problem:
@@ -162,7 +162,10 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         seed=config.seed,
         size_multiple=family.size_multiple,
     )
-    schema = samples_schema(manifest.schema, family.output_kind)
+    try:
+        schema = samples_schema(manifest.schema, family.output_kind)
+    except ValueError as exc:  # a manifest column named like an output column
+        raise JobError(f"{config.manifest}: {exc}") from None
     progress = ProgressFile(out, rank)
     progress.add(0, force=True)  # loaded: the launcher starts its bar
     shards = select_shards(manifest.num_rows, config.shard_size, shard_indices)

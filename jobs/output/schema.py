@@ -1,8 +1,9 @@
 """The public output tables: samples (one row per image) and steps (one row per sample per step).
 
-Images are struct<bytes: binary, path: string> PNGs, and the schema carries Hugging Face
-``datasets`` feature metadata so that ``load_dataset("parquet", ...)`` reads ``image`` as an
-Image feature.
+Media are struct<bytes: binary, path: string>: ``image`` PNGs; for video models ``video`` mp4s;
+for audio-video models (LTX-2) ``video`` mp4s with the sound muxed in and ``audio`` WAVs. The
+schema carries Hugging Face ``datasets`` feature metadata so that ``load_dataset("parquet", ...)``
+reads them as Image, Video and Audio features.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from jobs.output.media import mp4_bytes
+from jobs.output.media import mp4_bytes, wav_bytes
 from jobs.rows import PlannedSample
-from pipeline.samples import SampleResult
+from pipeline.samples import AudioVideo, SampleResult
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 BRANCH_COUNTS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("fresh", pa.int64()), ("reused", pa.int64()),
@@ -26,6 +27,17 @@ BRANCH_COUNTS_FEATURE = {"feature": {"name": {"dtype": "string", "_type": "Value
                                      **{k: {"dtype": "int64", "_type": "Value"}
                                         for k in ("fresh", "reused", "gate_step", "invalidations")}},
                          "_type": "List"}  # fmt: skip
+"""Storage of every media column (image, video, audio): datasets' Image / Video / Audio struct."""
+
+MEDIA_KINDS = ("image", "video", "audio_video")
+"""What a family's decode gives per sample (its ``output_kind``): a PIL image, (F, H, W, 3)
+frames, or an AudioVideo."""
+
+VIDEO_KINDS = ("video", "audio_video")
+"""Media kinds with frames (and so ``num_frames``)."""
+
+_FEATURES = {"image": {"_type": "Image"}, "video": {"_type": "Video"}, "audio": {"_type": "Audio"},
+             "branch_counts": BRANCH_COUNTS_FEATURE}  # fmt: skip
 
 RESOLVED_COLUMNS = ("seed", "width", "height", "num_inference_steps", "guidance_scale", "true_cfg_scale",
                     "cfg_gate_step", "num_frames")  # fmt: skip
@@ -86,17 +98,31 @@ def _hf_feature(t: pa.DataType) -> dict[str, str] | None:
 
 
 def _tail(media: str) -> list[tuple[str, pa.DataType]]:
+    """The contract columns after the manifest's: media columns where ``image`` is, and the
+    video kinds' counts between ``height`` and ``num_inference_steps``."""
     if media == "image":
         return _TAIL
-    if media != "video":
-        raise ValueError(f"media {media!r} is not 'image' or 'video'")
-    tail = [("video", IMAGE_TYPE) if name == "image" else (name, t) for name, t in _TAIL]
+    if media not in MEDIA_KINDS:
+        raise ValueError(f"media {media!r} is not one of {', '.join(map(repr, MEDIA_KINDS))}")
+    if media == "video":
+        columns, counts = [("video", IMAGE_TYPE)], [("num_frames", pa.int64())]
+    else:
+        columns = [("video", IMAGE_TYPE), ("audio", IMAGE_TYPE)]
+        counts = [("num_frames", pa.int64()), ("fps", pa.float64()),
+                  ("sample_rate", pa.int64()), ("audio_s", pa.float64())]  # fmt: skip
+    at = [name for name, _ in _TAIL].index("image")
+    tail = [*_TAIL[:at], *columns, *_TAIL[at + 1 :]]
     at = [name for name, _ in tail].index("num_inference_steps")
-    return [*tail[:at], ("num_frames", pa.int64()), *tail[at:]]
+    return [*tail[:at], *counts, *tail[at:]]
 
 
-_CONTRACT = {name for name, _ in (*_HEAD, *_tail("image"), *_tail("video"))}
-"""Columns samples_table fills itself; the rest come from the manifest."""
+def _media(schema: pa.Schema) -> str:
+    """The media kind whose contract columns end ``schema`` (a samples_schema)."""
+    for media in MEDIA_KINDS:
+        names = [name for name, _ in _tail(media)]
+        if schema.names[-len(names) :] == names:
+            return media
+    raise ValueError("not a samples schema: its last columns are no media kind's")
 
 
 def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schema:
@@ -107,15 +133,23 @@ def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schem
 
     Args:
         manifest_schema: the manifest's schema.
-        media: "image" (an ``image`` column, PNG) or "video" (a ``video`` column, mp4, and
-            ``num_frames``).
+        media: one of MEDIA_KINDS: "image" (an ``image`` column, PNG), "video" (a ``video``
+            column, mp4, and ``num_frames``) or "audio_video" (``video``, mp4 with an AAC
+            track; ``audio``, 16-bit PCM WAV; ``num_frames``, ``fps``, ``sample_rate``,
+            ``audio_s``).
     Raises:
-        ValueError: an unknown media kind.
+        ValueError: an unknown media kind, or a manifest column named like one of the media
+            kind's own columns (e.g. ``video`` or ``audio``).
     """
+    tail = _tail(media)
     passthrough = [f for f in manifest_schema if f.name not in RESOLVED_COLUMNS]
-    schema = pa.schema([*_HEAD, *passthrough, *_tail(media)])
+    clash = sorted({f.name for f in passthrough} & {name for name, _ in [*_HEAD, *tail]})
+    if clash:
+        raise ValueError(f"manifest column(s) {', '.join(clash)} clash with {media} output "
+                         "columns of the same name; rename them")  # fmt: skip
+    schema = pa.schema([*_HEAD, *passthrough, *tail])
     features: dict[str, dict[str, str]] = {}
-    kinds = {"image": {"_type": "Image"}, "video": {"_type": "Video"}, "branch_counts": BRANCH_COUNTS_FEATURE}
+    kinds = {name: _FEATURES[name] for name, _ in tail if name in _FEATURES}
     for f in schema:
         feature = kinds.get(f.name) or _hf_feature(f.type)
         if feature is None:  # nested passthrough: let datasets infer everything
@@ -141,6 +175,11 @@ def samples_table(
 ) -> pa.Table:
     """Samples rows for planned samples and their results.
 
+    An ok result's ``image`` is what the schema's media kind holds (see MEDIA_KINDS). For
+    "audio_video", ``num_frames`` is the AudioVideo's frame count (the request's on error
+    rows, as for "video"); ``fps``, ``sample_rate`` and ``audio_s`` are the AudioVideo's,
+    null on error rows.
+
     Args:
         schema: from samples_schema.
         planned: the samples, in output order.
@@ -148,7 +187,12 @@ def samples_table(
             ``error`` is set).
         manifest_rows: manifest rows that include every planned row.
         first_row: manifest index of manifest_rows' first row.
+    Raises:
+        ValueError: an ok result's media is not valid for mp4_bytes / wav_bytes (e.g. an
+            audio sample rate that AAC lacks).
     """
+    media = _media(schema)
+    contract = {name for name, _ in (*_HEAD, *_tail(media))}
     taken = manifest_rows.take([p.row_index - first_row for p in planned])
     cols: dict[str, list] = {name: [] for name in schema.names}
     for p, r in zip(planned, results):
@@ -162,7 +206,9 @@ def samples_table(
         cols["status"].append("ok" if ok else "error")
         cols["error"].append(None if ok else error)
         cols["warning"].append(r.warning if r is not None else None)
-        if "video" in cols:
+        if media == "audio_video":
+            _audio_video(cols, req.sample_id, r.image if ok else None, req.num_frames)
+        elif media == "video":
             cols["video"].append(
                 {"bytes": mp4_bytes(r.image), "path": f"{req.sample_id}.mp4"} if ok else None
             )
@@ -186,7 +232,7 @@ def samples_table(
         cols["denoise_s"].append(r.denoise_s if r is not None else 0.0)
     arrays = [
         pa.array(cols[f.name], type=f.type)
-        if f.name in _CONTRACT
+        if f.name in contract
         else taken.column(f.name).combine_chunks()
         for f in schema
     ]
@@ -206,6 +252,24 @@ def branch_counts(result: SampleResult) -> list[dict]:
             first, drops = gates.get(name, (None, 0))
             out.append({"name": name, "fresh": fresh, "reused": reused, "gate_step": first, "invalidations": drops})
     return out
+
+
+def _audio_video(cols: dict[str, list], sample_id: str, out: AudioVideo | None,
+                 num_frames: int | None) -> None:  # fmt: skip
+    """Append one row's audio-video columns: ``out`` is the ok sample's, None on error rows."""
+    if out is None:
+        for name in ("video", "audio", "fps", "sample_rate", "audio_s"):
+            cols[name].append(None)
+        cols["num_frames"].append(num_frames)
+        return
+    video = mp4_bytes(out.frames, out.fps, audio=out.audio, sample_rate=out.sample_rate)
+    cols["video"].append({"bytes": video, "path": f"{sample_id}.mp4"})
+    cols["audio"].append({"bytes": wav_bytes(out.audio, out.sample_rate),
+                          "path": f"{sample_id}.wav"})  # fmt: skip
+    cols["num_frames"].append(len(out.frames))
+    cols["fps"].append(float(out.fps))
+    cols["sample_rate"].append(int(out.sample_rate))
+    cols["audio_s"].append(float(out.audio_s))
 
 
 def steps_table(results: Sequence[SampleResult]) -> pa.Table:

@@ -97,7 +97,8 @@ class Family:
     """diffusers pipeline class names this family serves."""
     convention: ClassVar[CfgConvention]
     output_kind: ClassVar[str] = "image"
-    """"image" (PIL images from decode) or "video" (frame arrays)."""
+    """"image" (PIL images from decode), "video" ((F, H, W, 3) uint8 frame arrays) or
+    "audio_video" (pipeline.samples.AudioVideo: frames and sound, e.g. LTX-2)."""
     call_defaults: ClassVar[dict[str, Any]] = {}
     """The pipeline's own ``__call__`` defaults gen uses when a job does not set them
     (num_inference_steps, guidance_scale, ...), checked against diffusers by a test."""

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
+from jobs.output.media import mp4_audio, mp4_bytes, mp4_frames, wav_audio
 from jobs.output.schema import IMAGE_TYPE, STEPS_SCHEMA, samples_schema, samples_table, steps_table
 from jobs.rows import GenerationDefaults, PlannedSample, plan_rows
 from pipeline.denoiser import StepRecord
 from pipeline.generate import SampleRequest, SampleResult
+from pipeline.samples import AudioVideo
 
 MANIFEST_SCHEMA = pa.schema(
     [("prompt", pa.string()), ("id", pa.string()), ("category", pa.string()), ("seed", pa.int32())]
@@ -193,3 +197,110 @@ def test_steps_table_empty() -> None:
     table = steps_table([failed])
     assert table.num_rows == 0
     assert table.schema == STEPS_SCHEMA
+
+
+# --- audio-video models (LTX-2): video mp4 with sound, audio WAV -----------------------------
+
+AV_TAIL = ["seed", "status", "error", "warning", "video", "audio", "width", "height", "num_frames",
+           "fps", "sample_rate", "audio_s", "num_inference_steps", "guidance_scale",
+           "true_cfg_scale", "cfg_gate_step", "fresh_uncond", "reused_uncond", "branch_counts", "invalidations",
+           "gate_step", "denoise_s"]  # fmt: skip
+
+
+AV_DEFAULTS = replace(DEFAULTS, num_frames=3)
+
+
+def _audio_video(p: PlannedSample, channels: int = 2, num_samples: int = 3000) -> AudioVideo:
+    rng = np.random.default_rng(p.row_index)
+    frames = rng.integers(0, 256, (3, p.request.height, p.request.width, 3), dtype=np.uint8)
+    audio = rng.uniform(-0.5, 0.5, (channels, num_samples)).astype(np.float32)
+    return AudioVideo(frames=frames, audio=audio, sample_rate=24000, fps=24.0)
+
+
+def test_audio_video_schema_columns() -> None:
+    schema = samples_schema(MANIFEST_SCHEMA, "audio_video")
+    assert schema.names == ["sample_id", "row_index", "image_index", "prompt", "id", "category",
+                            *AV_TAIL]  # fmt: skip
+    for name in ("video", "audio"):
+        assert schema.field(name).type == IMAGE_TYPE
+    types = {
+        name: schema.field(name).type for name in ("num_frames", "fps", "sample_rate", "audio_s")
+    }
+    assert types == {"num_frames": pa.int64(), "fps": pa.float64(), "sample_rate": pa.int64(),
+                     "audio_s": pa.float64()}  # fmt: skip
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert list(features) == schema.names
+    assert features["video"] == {"_type": "Video"}
+    assert features["audio"] == {"_type": "Audio"}
+    assert features["fps"] == {"dtype": "float64", "_type": "Value"}
+    assert features["sample_rate"] == {"dtype": "int64", "_type": "Value"}
+
+
+def test_video_schema_unchanged_by_audio_video() -> None:
+    names = samples_schema(MANIFEST_SCHEMA, "video").names
+    assert names[6:] == [n for n in AV_TAIL if n not in ("audio", "fps", "sample_rate", "audio_s")]
+
+
+def test_unknown_media_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'image', 'video', 'audio_video'"):
+        samples_schema(MANIFEST_SCHEMA, "audio")
+
+
+@pytest.mark.parametrize(("media", "column"), [("audio_video", "audio"), ("audio_video", "fps"),
+                                               ("video", "video")])  # fmt: skip
+def test_manifest_column_clashing_with_media_column(media: str, column: str) -> None:
+    manifest = pa.schema([("prompt", pa.string()), (column, pa.string())])
+    with pytest.raises(ValueError, match=f"column\\(s\\) {column} clash"):
+        samples_schema(manifest, media)
+
+
+def test_other_kinds_pass_an_audio_column_through() -> None:
+    """Only the media kind's own columns are media features; a manifest's ``audio`` text stays."""
+    manifest = pa.schema([("prompt", pa.string()), ("audio", pa.string())])
+    rows = pa.table({"prompt": ["a cat"], "audio": ["purring"]}, schema=manifest)
+    schema = samples_schema(manifest, "image")
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["audio"] == {"dtype": "string", "_type": "Value"}
+    planned = plan_rows(rows, 0, DEFAULTS)
+    (row,) = samples_table(schema, planned, [SampleResult(planned[0].request,
+                           image=_image(planned[0]))], rows, 0).to_pylist()  # fmt: skip
+    assert row["audio"] == "purring" and row["status"] == "ok"
+
+
+def test_samples_table_audio_video_rows() -> None:
+    rows = _rows()
+    planned = plan_rows(rows, 0, AV_DEFAULTS)
+    schema = samples_schema(MANIFEST_SCHEMA, "audio_video")
+    outs = [_audio_video(planned[0], channels=2), None, _audio_video(planned[2], channels=1)]
+    results = [SampleResult(p.request, image=o) if o is not None else None
+               for p, o in zip(planned, outs)]  # fmt: skip
+    table = samples_table(schema, planned, results, rows, 0)
+    assert table.schema == schema and table.schema.metadata == schema.metadata
+    t = table.to_pylist()
+    assert [r["status"] for r in t] == ["ok", "error", "ok"]
+    for row, out, channels in ((t[0], outs[0], 2), (t[2], outs[2], 1)):
+        sid = row["sample_id"]
+        assert row["video"]["path"] == f"{sid}.mp4" and row["audio"]["path"] == f"{sid}.wav"
+        assert (row["num_frames"], row["fps"], row["sample_rate"]) == (3, 24.0, 24000)
+        assert row["audio_s"] == pytest.approx(3000 / 24000)
+        mp4 = row["video"]["bytes"]
+        assert mp4 == mp4_bytes(out.frames, 24.0, audio=out.audio, sample_rate=24000)
+        assert mp4_frames(mp4).shape == (3, 16, 24, 3)
+        sound, rate = mp4_audio(mp4)
+        assert sound.shape == (channels, 3000) and rate == 24000
+        wav, rate = wav_audio(row["audio"]["bytes"])
+        assert rate == 24000 and np.abs(wav - out.audio).max() <= 0.5 / 32767 + 1e-7
+    bad = t[1]
+    assert bad["error"] == planned[1].error
+    assert [bad[n] for n in ("video", "audio", "fps", "sample_rate", "audio_s")] == [None] * 5
+
+
+def test_samples_table_audio_video_generation_error() -> None:
+    rows = _rows().slice(0, 1)
+    planned = plan_rows(rows, 0, AV_DEFAULTS)
+    schema = samples_schema(MANIFEST_SCHEMA, "audio_video")
+    failed = SampleResult(planned[0].request, error="non-finite latents after denoising")
+    (row,) = samples_table(schema, planned, [failed], rows, 0).to_pylist()
+    assert row["status"] == "error" and row["error"] == "non-finite latents after denoising"
+    assert [row[n] for n in ("video", "audio", "fps", "sample_rate", "audio_s")] == [None] * 5
+    assert row["num_frames"] == 3  # the request's, as for video
