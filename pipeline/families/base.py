@@ -50,6 +50,9 @@ class CfgConvention:
     """With cfg batching, run the branches of different calls of a step as one forward (faster,
     but not the pipeline's own forwards: rounding differs); False runs each call's forward as
     the pipeline would."""
+    outputs: int = 1
+    """How many leading fields of the denoiser's output are per-sample predictions (LTX-2: 2,
+    video and audio); the intercept splits, gathers and gates them together."""
 
     @property
     def branch_order(self) -> tuple[str, ...]:
@@ -94,7 +97,8 @@ class Family:
     """diffusers pipeline class names this family serves."""
     convention: ClassVar[CfgConvention]
     output_kind: ClassVar[str] = "image"
-    """"image" (PIL images from decode) or "video" (frame arrays)."""
+    """"image" (PIL images from decode), "video" (frame arrays) or "audio_video"
+    (pipeline.samples.AudioVideo: frames with their sound track)."""
     call_defaults: ClassVar[dict[str, Any]] = {}
     """The pipeline's own ``__call__`` defaults gen uses when a job does not set them
     (num_inference_steps, guidance_scale, ...), checked against diffusers by a test."""
@@ -107,7 +111,7 @@ class Family:
         return self.convention.denoisers
 
     @cached_property
-    def gen_defaults(self) -> dict[str, int]:
+    def gen_defaults(self) -> dict[str, Any]:
         """The model directory's gen_defaults.json (the built-in models write one: e.g.
         default_size, default_num_frames), else {}: small defaults for pipelines whose own are
         fixed (Flux, Qwen-Image: 1024 px whatever the model)."""
