@@ -122,7 +122,7 @@ class Family:
         return tuple(dict.fromkeys(n for n in names if n != "cond"))
 
     @cached_property
-    def gen_defaults(self) -> dict[str, int]:
+    def gen_defaults(self) -> dict[str, Any]:
         """The model directory's gen_defaults.json (the built-in models write one: e.g.
         default_size, default_num_frames), else {}: small defaults for pipelines whose own are
         fixed (Flux, Qwen-Image: 1024 px whatever the model)."""

@@ -25,7 +25,8 @@ from pathlib import Path
 
 GEN_DEFAULTS_FILE = "gen_defaults.json"
 """Optional file in a model directory: the defaults gen uses when --height / --width /
---num-frames are not given (``{"default_size": 64, "default_num_frames": 5}``)."""
+--num-frames are not given (``{"default_size": 64, "default_num_frames": 5}``), and family
+defaults that depend on the model (tiny-ltx2: ``"spatio_temporal_guidance_blocks": [1]``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +51,7 @@ def smoke_models() -> dict[str, SmokeModel]:
     return found
 
 
-def write_gen_defaults(out: Path, **defaults: int) -> None:
+def write_gen_defaults(out: Path, **defaults: int | list[int]) -> None:
     """Write the model directory's gen_defaults.json (e.g. default_size=64)."""
     (out / GEN_DEFAULTS_FILE).write_text(json.dumps(defaults) + "\n")
 

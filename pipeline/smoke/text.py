@@ -125,3 +125,23 @@ def clip_config(vocab: dict[str, int], hidden: int, intermediate: int, num_layer
                           num_attention_heads=4, max_position_embeddings=77, vocab_size=len(vocab),
                           bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                           pad_token_id=vocab["<|endoftext|>"], **extra)  # fmt: skip
+
+
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+"""Gemma's special tokens, ids 0-4 in this order (GemmaTokenizer's own default vocabulary)."""
+
+
+def gemma_tokenizer(model_max_length: int):  # -> transformers.GemmaTokenizer
+    """A Gemma tokenizer over bytes, built in memory: the 5 special tokens, the 256 byte-fallback
+    tokens ``<0x00>`` ... ``<0xFF>`` and ``▁`` (the normalized space), no merges (262 entries), so
+    any text tokenizes byte by byte; ``<bos>`` first as Gemma's, no ``<eos>``.
+
+    ``model_max_length`` must be set (transformers defaults it to 1e30).
+    """
+    from transformers import GemmaTokenizer
+
+    vocab = {token: i for i, token in enumerate(GEMMA_SPECIAL_TOKENS)}
+    vocab.update({f"<0x{b:02X}>": len(GEMMA_SPECIAL_TOKENS) + b for b in range(256)})
+    vocab["▁"] = len(vocab)
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, add_bos_token=True,
+                          add_eos_token=False)  # fmt: skip
