@@ -23,7 +23,7 @@ import torch
 from jobs.config import BatchConfig
 from jobs.errors import JobError
 from jobs.local.torchrun import JOB_ERROR_EXIT, die_with_parent
-from jobs.manifest import open_manifest, read_rows
+from jobs.manifest import check_image_column, open_manifest, read_rows
 from jobs.memory import peak_rss_bytes
 from jobs.output.failpoints import failpoint
 from jobs.output.lock import check_owner
@@ -141,6 +141,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         problem = family.check_num_frames(num_frames)
         if problem:
             raise JobError(f"--num-frames {num_frames}: {problem}")
+    check_image_column(manifest, model=model.name, image_input=family.image_input,
+                       output_kind=family.output_kind)  # fmt: skip
     own = family.call_defaults
     if config.true_cfg_scale is not None and "true_cfg_scale" not in own:
         raise JobError(f"--true-cfg-scale {config.true_cfg_scale:g}: {model.name} "
@@ -156,6 +158,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         images_per_prompt=config.images_per_prompt,
         seed=config.seed,
         size_multiple=family.size_multiple,
+        image_input=family.image_input,
+        image_root=os.path.dirname(manifest.path),
     )
     schema = samples_schema(manifest.schema, family.output_kind)
     progress = ProgressFile(out, rank)

@@ -84,8 +84,9 @@ def _tail(media: str) -> list[tuple[str, pa.DataType]]:
     return [*tail[:at], ("num_frames", pa.int64()), *tail[at:]]
 
 
-_CONTRACT = {name for name, _ in (*_HEAD, *_tail("image"), *_tail("video"))}
-"""Columns samples_table fills itself; the rest come from the manifest."""
+_CONTRACT = {media: {name for name, _ in (*_HEAD, *_tail(media))} for media in ("image", "video")}
+"""Per media kind, the columns samples_table fills itself; the rest come from the manifest (a
+video model's input ``image`` among them)."""
 
 
 def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schema:
@@ -106,7 +107,9 @@ def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schem
     features: dict[str, dict[str, str]] = {}
     kinds = {"image": {"_type": "Image"}, "video": {"_type": "Video"}}
     for f in schema:
-        feature = kinds.get(f.name) or _hf_feature(f.type)
+        # An input image passed through (video models) is an Image feature when stored as one.
+        media_column = f.name == media or (f.name in kinds and f.type == IMAGE_TYPE)
+        feature = (kinds[f.name] if media_column else None) or _hf_feature(f.type)
         if feature is None:  # nested passthrough: let datasets infer everything
             return schema
         features[f.name] = feature
@@ -139,7 +142,8 @@ def samples_table(
         first_row: manifest index of manifest_rows' first row.
     """
     taken = manifest_rows.take([p.row_index - first_row for p in planned])
-    cols: dict[str, list] = {name: [] for name in schema.names}
+    contract = _CONTRACT["video" if "video" in schema.names else "image"]
+    cols: dict[str, list] = {name: [] for name in schema.names if name in contract}
     for p, r in zip(planned, results):
         req = p.request
         ok = p.error is None and r is not None and r.error is None and r.image is not None
@@ -174,7 +178,7 @@ def samples_table(
         cols["denoise_s"].append(r.denoise_s if r is not None else 0.0)
     arrays = [
         pa.array(cols[f.name], type=f.type)
-        if f.name in _CONTRACT
+        if f.name in contract
         else taken.column(f.name).combine_chunks()
         for f in schema
     ]
