@@ -20,7 +20,7 @@ from typing import Any
 from jobs import __version__
 from jobs.config import BatchConfig
 from jobs.errors import JobError
-from jobs.manifest import Manifest, open_manifest, total_images
+from jobs.manifest import Manifest, check_image_column, open_manifest, total_images
 from jobs.output.lock import ShardLocks
 from jobs.output.store import OutputDir, write_json
 from jobs.output.submissions import queue_states
@@ -64,6 +64,16 @@ def _pipeline_record(model: ModelRef) -> dict[str, Any] | None:
     """The model's pipeline class and the defaults its family uses where the job sets none
     (``--steps``, ``--guidance-scale``, ``--true-cfg-scale``; sizes are per row in the samples);
     None when the class cannot be read here (a hub id) or has no family (the ranks say so)."""
+    found = _family(model)
+    if found is None:
+        return None
+    name, family = found
+    return {"class": name, "family": family.__name__, "defaults": dict(family.call_defaults)}
+
+
+def _family(model: ModelRef) -> tuple[str, Any] | None:
+    """(pipeline class name, family class) of a model whose model_index.json is here; None for
+    a hub id or a class without a family (the ranks say so)."""
     index = Path(model.path) / "model_index.json"
     if not index.is_file():
         return None
@@ -71,10 +81,9 @@ def _pipeline_record(model: ModelRef) -> dict[str, Any] | None:
 
     name = json.loads(index.read_text()).get("_class_name")
     try:
-        family = family_class(str(name))
+        return str(name), family_class(str(name))
     except UnsupportedPipelineError:
         return None
-    return {"class": name, "family": family.__name__, "defaults": dict(family.call_defaults)}
 
 
 def _layout(config: BatchConfig) -> dict[str, Any]:
@@ -202,6 +211,13 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
              "runs no unconditional forward to skip")  # fmt: skip
     if model.smoke_test:
         model = resolve_model(config.model)  # built on first use
+    found = _family(model)
+    if found is not None:  # else the ranks check it once the model is loaded
+        family = found[1]
+        notice = check_image_column(manifest, model=model.name, image_input=family.image_input,
+                                    output_kind=family.output_kind)  # fmt: skip
+        if notice:
+            echo(notice)
     write_json(out.job_json, _job_record(config, manifest, model, threads, platform.name))
     shards = plan_shards(manifest.num_rows, config.shard_size or 1)
     return PreparedJob(config, out, manifest, shards, threads)

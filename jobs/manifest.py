@@ -1,8 +1,10 @@
 """The parquet manifest: schema checks, fingerprint, and reading one row range.
 
-Columns: ``prompt`` (string, required); optional ``id``, ``negative_prompt``, ``seed`` and the
+Columns: ``prompt`` (string, required); optional ``id``, ``negative_prompt``, ``seed``, the
 per-row overrides ``guidance_scale``, ``num_inference_steps``, ``height``, ``width``,
-``num_images``, ``cfg_gate_step``. Every other column passes through to the samples parquet unchanged.
+``num_images``, ``cfg_gate_step``, and ``image``, the input image of image-conditioned models: a
+path (relative to the manifest's directory, or absolute) or struct<bytes, path> as Hugging Face
+``datasets`` stores an Image feature. Every column passes through to the samples parquet.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ _is_str: Callable[[pa.DataType], bool] = lambda t: pa.types.is_string(t) or pa.t
 _is_int: Callable[[pa.DataType], bool] = pa.types.is_integer
 _is_num: Callable[[pa.DataType], bool] = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)  # noqa: E731
 
+
+def _is_image(t: pa.DataType) -> bool:
+    """A path string, or struct<bytes: binary, path: string> (either order; large types too)."""
+    if _is_str(t):
+        return True
+    if not pa.types.is_struct(t) or {t.field(i).name for i in range(t.num_fields)} != {"bytes", "path"}:
+        return False
+    data, path = t.field("bytes").type, t.field("path").type
+    return (pa.types.is_binary(data) or pa.types.is_large_binary(data)) and _is_str(path)
+
+
 KNOWN_COLUMNS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "prompt": (_is_str, "string"),
     "negative_prompt": (_is_str, "string"),
@@ -35,13 +48,15 @@ KNOWN_COLUMNS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "num_images": (_is_int, "integer"),
     "cfg_gate_step": (_is_num, "number in [0, 1]"),
     "true_cfg_scale": (_is_num, "number"),
+    "image": (_is_image, "string (a path relative to the manifest) or struct<bytes: binary, path: string>"),
 }
 
 RESERVED_COLUMNS = (
-    "sample_id", "row_index", "image_index", "status", "error", "warning", "image", "fresh_uncond",
+    "sample_id", "row_index", "image_index", "status", "error", "warning", "fresh_uncond",
     "reused_uncond", "invalidations", "gate_step", "denoise_s",
 )  # fmt: skip
-"""Output columns a manifest may not carry (they would be overwritten)."""
+"""Output columns a manifest may not carry (they would be overwritten). ``image`` is an input
+column, refused only for models whose output column it is (check_image_column)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +138,33 @@ def open_manifest(path: str | os.PathLike[str], *, check_ids: bool = True) -> Ma
         row_group_offsets=tuple(offsets),
         fingerprint=_fingerprint(p),
     )
+
+
+def check_image_column(manifest: Manifest, *, model: str, image_input: bool, output_kind: str) -> str | None:
+    """Check the manifest's ``image`` column against the model, once its family is known.
+
+    Args:
+        manifest: an opened manifest.
+        model: the model as --model names it (for messages).
+        image_input: the model is conditioned on an input image (Family.image_input).
+        output_kind: "image" (the samples' output column is ``image``) or "video".
+    Returns:
+        A notice to print when the column passes through unused (a video model that takes no
+        image), else None.
+    Raises:
+        JobError: the model needs an image and there is no ``image`` column; or the column
+            would clash with the output ``image`` column of a model that takes no image.
+    """
+    has = "image" in manifest.schema.names
+    if image_input and not has:
+        raise JobError(f"manifest {manifest.path}: no 'image' column, but --model {model} generates from an "
+                       "input image per row (a path relative to the manifest, or struct<bytes, path>)")  # fmt: skip
+    if has and not image_input:
+        if output_kind == "image":
+            raise JobError(f"manifest {manifest.path}: column 'image' is the output column of --model {model}, "
+                           "which takes no input image; rename it")  # fmt: skip
+        return f"warning: --model {model} takes no input image: column 'image' only passes through"
+    return None
 
 
 STREAM_ROWS = 8192

@@ -1,7 +1,8 @@
 """Manifest rows -> planned samples (one per image), with per-row overrides and checks.
 
-A row that cannot be generated (null or blank prompt, an override out of range) becomes error
-samples here, before any model runs; the rest of the job goes on.
+A row that cannot be generated (null or blank prompt, an override out of range, no input image
+for an image-conditioned model) becomes error samples here, before any model runs; the rest of
+the job goes on. An input image is only referenced here: it is read at generate time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from jobs.seeds import SEED_LIMIT, derive_seed, image_seed, sample_id
-from pipeline.samples import SampleRequest
+from pipeline.samples import ImageRef, SampleRequest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,11 @@ class GenerationDefaults:
     """Job seed, for rows without a ``seed``."""
     size_multiple: int
     """Height and width must be multiples of this (the model's VAE factor)."""
+    image_input: bool = False
+    """The model is conditioned on an input image: each row's ``image`` becomes its requests'
+    ImageRef, and a row without one is an error. False: the column only passes through."""
+    image_root: str | None = None
+    """Directory relative ``image`` paths are resolved against: the manifest's."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,28 @@ class PlannedSample:
     image_index: int
     request: SampleRequest
     error: str | None = None
+
+
+def image_ref(value: Any, root: str | None) -> tuple[ImageRef | None, str | None]:
+    """A row's ``image`` cell as an ImageRef, or why it has none.
+
+    Args:
+        value: a path string, a {"bytes", "path"} dict (struct<bytes, path>), or None.
+        root: directory relative paths are resolved against.
+    Returns:
+        (ref, None), or (None, problem) for a null or empty cell. The file is not looked at
+        here: it is read at generate time, where a bad one fails its row.
+    """
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None:
+            return (ImageRef(path=path, data=data), None) if data else (None, "image has empty bytes")
+        value = path
+    if value is None:
+        return None, "image is null (this model generates from an input image)"
+    if not value.strip():
+        return None, "image path is empty"
+    return ImageRef(path=value, root=root), None
 
 
 def _check_row(row: dict[str, Any], d: GenerationDefaults) -> tuple[dict[str, Any], str | None]:
@@ -88,6 +116,11 @@ def _check_row(row: dict[str, Any], d: GenerationDefaults) -> tuple[dict[str, An
         problems.append(f"num_images {v['num_images']} must be >= 1")
     if row.get("seed") is not None and not 0 <= row["seed"] < SEED_LIMIT:
         problems.append(f"seed {row['seed']} must be in [0, 2**63)")
+    v["image"] = None
+    if d.image_input:
+        v["image"], problem = image_ref(row.get("image"), d.image_root)
+        if problem:
+            problems.append(problem)
     return v, ("; ".join(problems) or None)
 
 
@@ -127,6 +160,7 @@ def plan_rows(table: pa.Table, first_row: int, defaults: GenerationDefaults) -> 
                 cfg_gate_step=v["cfg_gate_step"],
                 cfg_gate_steps=defaults.cfg_gate_steps,
                 num_frames=defaults.num_frames,
+                image=v["image"],
             )
             samples.append(PlannedSample(row_index, image_index, request, error))
     return samples

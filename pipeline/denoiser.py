@@ -366,7 +366,8 @@ class DenoiserHook:
             trace.steps.append(
                 StepRecord(
                     step_index=step,
-                    timestep=float(torch.as_tensor(timestep).flatten()[0]),
+                    # max: Wan 2.2 TI2V's per-token timesteps are 0 on the image's latent frame
+                    timestep=float(torch.as_tensor(timestep).flatten().max()),
                     denoiser=name,
                     uncond=unconds[0] if len(set(unconds)) == 1 else "mixed",
                     step_s=time.perf_counter() - start,

@@ -145,6 +145,7 @@ class StageRunner:
                     guidance_scale=first.guidance_scale,
                     guidance_rescale=self.guidance_rescale,
                     **({"num_frames": first.num_frames} if first.num_frames else {}),
+                    **({"image": first.image} if first.image is not None else {}),  # one per batch_key
                     **({"true_cfg_scale": first.true_cfg_scale} if first.true_cfg_scale is not None else {}),
                 )
             denoise_s = time.perf_counter() - start

@@ -7,6 +7,7 @@ pipeline.generate and pipeline.denoiser.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -66,6 +67,36 @@ class AudioVideo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ImageRef:
+    """An input image of a manifest row (the ``image`` column), not yet read: a file, or the
+    encoded bytes of one (Hugging Face ``datasets``' Image storage, struct<bytes, path>). It is
+    opened at generate time (pipeline.images), so that an unreadable one fails its row only."""
+
+    path: str | None = None
+    """The path as the manifest gives it (named in error messages); with ``data``, only a name."""
+    data: bytes | None = field(default=None, repr=False)
+    """Encoded image bytes (PNG, JPEG, ...); when set, ``path`` is not read."""
+    root: str | None = None
+    """Directory a relative ``path`` is resolved against: the manifest's."""
+
+    @property
+    def file(self) -> str | None:
+        """The file to read: ``path`` resolved against ``root``; None when ``data`` is set."""
+        if self.data is not None or self.path is None:
+            return None
+        return os.path.join(self.root, self.path) if self.root else self.path
+
+    @property
+    def label(self) -> str:
+        """How messages name it: ``'imgs/cat.png'``, or ``'cat.png' (N bytes)`` for bytes."""
+        if self.data is None:
+            return repr(self.path)
+        return (
+            f"{self.path!r} ({len(self.data)} bytes)" if self.path else f"({len(self.data)} bytes)"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class SampleRequest:
     """One image to generate."""
 
@@ -90,12 +121,16 @@ class SampleRequest:
     (``--cfg-gate-step uncond=0.6,stg=0.3``); () = cfg_gate_step for every branch."""
     num_frames: int | None = None
     """Video models: frames to generate; None for image models."""
+    image: ImageRef | None = None
+    """The input image of image-conditioned models (Wan I2V); None for the others."""
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests may share a pipeline call only when these are equal."""
+        """Requests may share a pipeline call only when these are equal. The input image is
+        part of it: WanImageToVideoPipeline takes one image per call (shared by its videos)."""
         return (self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                self.true_cfg_scale, self.cfg_gate_step, self.cfg_gate_steps, self.num_frames)  # fmt: skip
+                self.true_cfg_scale, self.cfg_gate_step, self.cfg_gate_steps, self.num_frames,
+                self.image)  # fmt: skip
 
 
 @dataclass

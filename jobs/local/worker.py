@@ -23,7 +23,7 @@ import torch
 from jobs.config import BatchConfig
 from jobs.errors import JobError
 from jobs.local.torchrun import JOB_ERROR_EXIT, die_with_parent
-from jobs.manifest import open_manifest, read_rows
+from jobs.manifest import check_image_column, open_manifest, read_rows
 from jobs.memory import peak_rss_bytes
 from jobs.output.failpoints import failpoint
 from jobs.output.lock import check_owner
@@ -145,6 +145,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     if unknown:
         raise JobError(f"--cfg-gate-step {unknown[0]}=...: {model.name} ({type(pipe).__name__}) has no branch "
                        f"{unknown[0]}; its auxiliary branches: {', '.join(family.auxiliary_branches)}")  # fmt: skip
+    check_image_column(manifest, model=model.name, image_input=family.image_input,
+                       output_kind=family.output_kind)  # fmt: skip
     own = family.call_defaults
     if config.true_cfg_scale is not None and "true_cfg_scale" not in own:
         raise JobError(f"--true-cfg-scale {config.true_cfg_scale:g}: {model.name} "
@@ -161,6 +163,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         images_per_prompt=config.images_per_prompt,
         seed=config.seed,
         size_multiple=family.size_multiple,
+        image_input=family.image_input,
+        image_root=os.path.dirname(manifest.path),
     )
     try:
         schema = samples_schema(manifest.schema, family.output_kind)

@@ -151,7 +151,10 @@ def samples_schema(manifest_schema: pa.Schema, media: str = "image") -> pa.Schem
     features: dict[str, dict[str, str]] = {}
     kinds = {name: _FEATURES[name] for name, _ in tail if name in _FEATURES}
     for f in schema:
-        feature = kinds.get(f.name) or _hf_feature(f.type)
+        feature = kinds.get(f.name)
+        if feature is None and f.name == "image" and f.type == IMAGE_TYPE:
+            feature = _FEATURES["image"]  # an input image passed through (video models)
+        feature = feature or _hf_feature(f.type)
         if feature is None:  # nested passthrough: let datasets infer everything
             return schema
         features[f.name] = feature
@@ -194,7 +197,7 @@ def samples_table(
     media = _media(schema)
     contract = {name for name, _ in (*_HEAD, *_tail(media))}
     taken = manifest_rows.take([p.row_index - first_row for p in planned])
-    cols: dict[str, list] = {name: [] for name in schema.names}
+    cols: dict[str, list] = {name: [] for name in schema.names if name in contract}
     for p, r in zip(planned, results):
         req = p.request
         ok = p.error is None and r is not None and r.error is None and r.image is not None

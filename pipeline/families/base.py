@@ -99,6 +99,9 @@ class Family:
     output_kind: ClassVar[str] = "image"
     """"image" (PIL images from decode), "video" ((F, H, W, 3) uint8 frame arrays) or
     "audio_video" (pipeline.samples.AudioVideo: frames and sound, e.g. LTX-2)."""
+    image_input: ClassVar[bool] = False
+    """Whether the pipeline is conditioned on an input image (the manifest's ``image`` column):
+    then every row needs one, and ``denoise`` takes ``image=`` (a pipeline.samples.ImageRef)."""
     call_defaults: ClassVar[dict[str, Any]] = {}
     """The pipeline's own ``__call__`` defaults gen uses when a job does not set them
     (num_inference_steps, guidance_scale, ...), checked against diffusers by a test."""

@@ -144,13 +144,17 @@ class WanFamily(Family):
             latents_std.
         """
         del guidance_rescale  # WanPipeline has no guidance_rescale
+        return self._latents(cond, generators, height=height, width=width, num_frames=num_frames,
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)  # fmt: skip
+
+    def _latents(self, cond: Conditioning, generators: list[torch.Generator], *, num_frames: int | None,
+                 **call: Any) -> torch.Tensor:  # fmt: skip
+        """The pipeline call with ``cond``'s embeddings and ``call``'s further __call__ arguments,
+        to normalized latents (output_type="latent")."""
         return self.pipe(
             **cond.pipe_kwargs,
-            height=height,
-            width=width,
+            **call,
             num_frames=num_frames or self.default_num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
             generator=generators,
             output_type="latent",
             return_dict=False,

@@ -12,7 +12,8 @@ from pipeline.families.sd3 import StableDiffusion3Family
 from pipeline.smoke import smoke_models
 
 CLASSES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-           "PixArtSigmaPipeline", "QwenImagePipeline", "WanPipeline", "CogVideoXPipeline", "LTX2Pipeline"}  # fmt: skip
+           "PixArtSigmaPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline",
+           "CogVideoXPipeline", "LTX2Pipeline"}  # fmt: skip
 
 
 def test_every_family_file_is_registered_once() -> None:
@@ -47,7 +48,8 @@ def test_defaults_are_the_pipelines_own(cls: str) -> None:
 
 def test_each_new_family_has_a_built_in_model() -> None:
     assert {"tiny-sd", "small-sd", "tiny-wan22", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart-sigma",
-            "tiny-qwenimage", "tiny-cogvideox", "tiny-ltx2"} <= set(smoke_models())  # fmt: skip
+            "tiny-qwenimage", "tiny-cogvideox", "tiny-ltx2", "tiny-wan-i2v",
+            "tiny-wan22-ti2v"} <= set(smoke_models())  # fmt: skip
 
 
 class _Pipe:

@@ -95,7 +95,7 @@ def test_seed_of_string_type(tmp_path: Path) -> None:
     assert "integer" in message
 
 
-@pytest.mark.parametrize("column", ["status", "image", "sample_id", "error"])
+@pytest.mark.parametrize("column", ["status", "sample_id", "error", "warning"])
 def test_reserved_output_column(tmp_path: Path, column: str) -> None:
     p = _write(tmp_path / "m.parquet", {"prompt": ["a"], column: ["x"]})
     message = _error(p)
@@ -218,3 +218,84 @@ def test_total_images_matches_planned_samples(tmp_path: Path) -> None:
     )  # fmt: skip
     planned = plan_rows(read_rows(m, 0, 6), 0, defaults)
     assert total_images(m, 0, 6, 2) == len(planned)
+
+
+# -- the image input column ------------------------------------------------------------------
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array(["imgs/a.png"]),
+        pa.array(["imgs/a.png"], pa.large_string()),
+        pa.array([{"bytes": b"\x89PNG", "path": "a.png"}], IMAGE_STRUCT),  # datasets' Image storage
+        pa.array(
+            [{"path": None, "bytes": None}],
+            pa.struct([("path", pa.string()), ("bytes", pa.large_binary())]),
+        ),
+    ],
+)
+def test_image_column_of_an_accepted_type(tmp_path: Path, column: pa.Array) -> None:
+    p = _write(tmp_path / "m.parquet", {"prompt": ["a"], "image": column})
+    assert open_manifest(p).schema.field("image").type == column.type
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([3]),
+        pa.array([b"\x89PNG"]),  # bare bytes: not datasets' layout
+        pa.array([{"bytes": b"x"}], pa.struct([("bytes", pa.binary())])),
+        pa.array(
+            [{"bytes": b"x", "path": "a", "extra": 1}],
+            pa.struct([("bytes", pa.binary()), ("path", pa.string()), ("extra", pa.int8())]),
+        ),
+        pa.array(
+            [{"bytes": "x", "path": "a"}],
+            pa.struct([("bytes", pa.string()), ("path", pa.string())]),
+        ),
+        pa.array([["a.png"]]),  # a list of images: one per row only
+    ],
+)
+def test_image_column_of_another_type_names_file_column_and_types(
+    tmp_path: Path, column: pa.Array
+) -> None:
+    p = _write(tmp_path / "m.parquet", {"prompt": ["a"], "image": column})
+    message = _error(p)
+    written = pq.read_schema(p).field("image").type  # as parquet gives it back
+    assert f"column 'image' has type {written}" in message
+    assert (
+        "expected string (a path relative to the manifest) or struct<bytes: binary, path: string>"
+        in message
+    )
+
+
+def test_image_column_against_the_model(tmp_path: Path) -> None:
+    """An image-conditioned model needs the column; a model writing an ``image`` output column
+    refuses it (it would clash); a video model without image input lets it pass through."""
+    from jobs.manifest import check_image_column
+
+    with_image = open_manifest(
+        _write(tmp_path / "a.parquet", {"prompt": ["a"], "image": ["x.png"]})
+    )
+    without = open_manifest(_write(tmp_path / "b.parquet", {"prompt": ["a"]}))
+    assert (
+        check_image_column(with_image, model="i2v", image_input=True, output_kind="video") is None
+    )
+    assert check_image_column(without, model="sd", image_input=False, output_kind="image") is None
+    with pytest.raises(
+        JobError, match="no 'image' column, but --model i2v generates from an input image"
+    ):
+        check_image_column(without, model="i2v", image_input=True, output_kind="video")
+    with pytest.raises(JobError, match="column 'image' is the output column of --model tiny-sd, which takes no "
+                                       "input image; rename it"):  # fmt: skip
+        check_image_column(with_image, model="tiny-sd", image_input=False, output_kind="image")
+    notice = check_image_column(
+        with_image, model="tiny-wan22", image_input=False, output_kind="video"
+    )
+    assert (
+        notice
+        == "warning: --model tiny-wan22 takes no input image: column 'image' only passes through"
+    )

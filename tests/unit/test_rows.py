@@ -182,3 +182,34 @@ def test_true_cfg_scale_per_row_where_the_family_has_it() -> None:
     assert "has no true CFG" in plain[0].error and plain[1].error is None
     assert plain[1].request.true_cfg_scale is None
     assert samples[0].request.batch_key != samples[1].request.batch_key  # not in one pipeline call
+
+
+def test_image_column_becomes_image_refs_of_image_conditioned_models() -> None:
+    """Paths resolve against the manifest's directory (absolute ones stay), struct<bytes, path>
+    cells carry their bytes (a path beside bytes is only a name), a struct with only a path is a
+    path; null or empty cells are error rows. The image is part of the batch key."""
+    from pipeline.samples import ImageRef
+
+    image = {"image_input": True, "image_root": "/data/m"}
+    paths = _plan({"prompt": ["p"] * 4, "image": ["imgs/a.png", "/abs/b.png", None, "  "]}, **image)
+    struct = pa.array([{"bytes": b"PNG...", "path": "c.png"}, {"bytes": None, "path": "d.png"},
+                       {"bytes": None, "path": None}, None, {"bytes": b"", "path": "e.png"}],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # fmt: skip
+    structs = _plan({"prompt": ["p"] * 5, "image": struct}, **image)
+    refs = [s.request.image for s in paths[:2] + structs[:2]]
+    assert refs == [ImageRef(path="imgs/a.png", root="/data/m"), ImageRef(path="/abs/b.png", root="/data/m"),
+                    ImageRef(path="c.png", data=b"PNG..."), ImageRef(path="d.png", root="/data/m")]  # fmt: skip
+    assert [r.file for r in refs] == ["/data/m/imgs/a.png", "/abs/b.png", None, "/data/m/d.png"]
+    assert [r.label for r in refs[:3]] == ["'imgs/a.png'", "'/abs/b.png'", "'c.png' (6 bytes)"]
+    assert [s.error for s in paths[:2] + structs[:2]] == [None] * 4
+    null = "image is null (this model generates from an input image)"
+    assert [s.error for s in paths[2:]] == [null, "image path is empty"]
+    assert [s.error for s in structs[2:]] == [null, null, "image has empty bytes"]
+    assert len({s.request.batch_key for s in paths[:2] + structs[:2]}) == 4
+    again = _plan({"prompt": ["p", "q"], "image": ["imgs/a.png"] * 2}, **image)
+    assert again[0].request.batch_key == again[1].request.batch_key  # one image: one pipeline call
+
+
+def test_image_column_passes_through_for_models_without_image_input() -> None:
+    samples = _plan({"prompt": ["a", "b"], "image": ["imgs/a.png", None]})
+    assert [(s.request.image, s.error) for s in samples] == [(None, None), (None, None)]

@@ -304,3 +304,36 @@ def test_samples_table_audio_video_generation_error() -> None:
     assert row["status"] == "error" and row["error"] == "non-finite latents after denoising"
     assert [row[n] for n in ("video", "audio", "fps", "sample_rate", "audio_s")] == [None] * 5
     assert row["num_frames"] == 3  # the request's, as for video
+
+
+@pytest.mark.parametrize("stored", ["struct", "string"])
+def test_video_samples_pass_an_input_image_column_through(stored: str) -> None:
+    """A video model's input ``image`` column is a passthrough column beside ``video``: an Image
+    feature when stored as datasets stores one, a string otherwise; its cells are the manifest's."""
+    import numpy as np
+
+    cells = (
+        [{"bytes": b"\x89PNG-a", "path": "a.png"}, None]
+        if stored == "struct"
+        else ["imgs/a.png", None]
+    )
+    rows = pa.table({"prompt": ["a cat", "a dog"],
+                     "image": pa.array(cells, IMAGE_TYPE if stored == "struct" else pa.string())})  # fmt: skip
+    schema = samples_schema(rows.schema, "video")
+    assert schema.names.count("image") == 1 and "video" in schema.names
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["video"] == {"_type": "Video"}
+    assert features["image"] == (
+        {"_type": "Image"} if stored == "struct" else {"dtype": "string", "_type": "Value"}
+    )
+    defaults = GenerationDefaults(**{**DEFAULTS.__dict__, "num_frames": 1, "height": 16, "width": 16,
+                                     "image_input": True, "image_root": "/m"})  # fmt: skip
+    planned = plan_rows(rows, 0, defaults)
+    assert planned[0].error is None and planned[1].error is not None  # no image: an error row
+    frames = np.zeros((1, 16, 16, 3), np.uint8)
+    table = samples_table(
+        schema, planned, [SampleResult(planned[0].request, image=frames), None], rows, 0
+    )
+    assert table.column("image").to_pylist() == cells
+    assert table.column("status").to_pylist() == ["ok", "error"]
+    assert table.column("video").to_pylist()[0]["path"] == f"{planned[0].request.sample_id}.mp4"
