@@ -119,11 +119,7 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
         f"({summary['images_per_s']:.2f} img/s), start-up {summary['startup_s']:.2f} s; "
         f"out: {config.out}"
     )
-    fresh, reused = summary["fresh_uncond"], summary["reused_uncond"]
-    click.echo(
-        f"cfg gating: {fresh} fresh, {reused} reused unconditional predictions "
-        f"({reused / max(1, fresh + reused):.0%} skipped), {summary['invalidations']} invalidations"
-    )
+    click.echo(_gating_line(summary))
     if summary.get("samples_warning"):
         click.echo(f"warnings: {summary['samples_warning']} sample(s) carry a warning (column "
                    "`warning`: e.g. a prompt the text encoder truncated, or a negative prompt the pipeline ignores)")  # fmt: skip
@@ -233,6 +229,22 @@ def _layers(text: object, option: str) -> tuple[int, ...] | None:
     except ValueError:
         raise JobError(f"{option} {text!r} is invalid: comma-separated block indices, "
                        "e.g. 7,8,9") from None
+
+
+def _gating_line(summary: dict) -> str:
+    """The end-of-run CFG gating line: fresh and reused predictions of the uncond branch, or of
+    every auxiliary branch (with a per-branch breakdown) for multi-branch guidance."""
+    branches = {k: v for k, v in summary.get("branches", {}).items() if k != "uncond"}
+    fresh, reused = summary["fresh_uncond"], summary["reused_uncond"]
+    invalidations = f"{summary['invalidations']} invalidations"
+    if not branches:
+        return (f"cfg gating: {fresh} fresh, {reused} reused unconditional predictions "
+                f"({reused / max(1, fresh + reused):.0%} skipped), {invalidations}")  # fmt: skip
+    per = summary["branches"]
+    fresh, reused = (sum(c[k] for c in per.values()) for k in ("fresh", "reused"))
+    detail = ", ".join(f"{name} {c['fresh']}/{c['reused']}" for name, c in per.items())
+    return (f"cfg gating: {fresh} fresh, {reused} reused auxiliary predictions "
+            f"({reused / max(1, fresh + reused):.0%} skipped; fresh/reused: {detail}), {invalidations}")  # fmt: skip
 
 
 def _seconds(value: float | None) -> str:

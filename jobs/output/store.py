@@ -281,6 +281,7 @@ class OutputDir:
                     for col in ("fresh_uncond", "reused_uncond", "invalidations")
                     if col in samples.schema.names
                 },
+                "branches": _branch_totals(samples),
                 "samples_warning": (samples.num_rows - samples.column("warning").null_count
                                     if "warning" in samples.schema.names else 0),
                 "steps": steps.num_rows,
@@ -290,6 +291,20 @@ class OutputDir:
                 "committed_at": time.time(),
             },
         )
+
+
+def _branch_totals(samples: pa.Table) -> dict[str, dict[str, int]]:
+    """Fresh and reused predictions per auxiliary branch over ``samples``' branch_counts
+    (e.g. {"uncond": {"fresh": 4, "reused": 4}}); {} for a table without that column."""
+    totals: dict[str, dict[str, int]] = {}
+    if "branch_counts" not in samples.schema.names:
+        return totals
+    for counts in samples.column("branch_counts").to_pylist():
+        for c in counts or ():
+            t = totals.setdefault(c["name"], {"fresh": 0, "reused": 0})
+            t["fresh"] += c["fresh"]
+            t["reused"] += c["reused"]
+    return totals
 
 
 def _merge(paths: Iterable[Path], key: list[str], schema: pa.Schema | None) -> pa.Table:

@@ -20,8 +20,9 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         denoising step), images_per_s (ok images of this run / generate_wall_s);
         time_to_first_image_s (launch, or SLURM submission, to the first decoded image of this
         run), time_to_done_s (launch to the last shard committed in this run; None if none);
-        fresh_uncond,
-        reused_uncond, invalidations: totals over all samples' steps; per-rank peaks.
+        fresh_uncond, reused_uncond, invalidations: totals over all samples' steps;
+        branches: {branch: {"fresh": n, "reused": m}} per auxiliary branch (uncond, stg, ...)
+        over all samples; per-rank peaks.
     """
     markers = out.done_markers()
     ranks = out.run_records()
@@ -34,6 +35,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "samples_error": sum(m["samples_error"] for m in markers),
         "fresh_uncond": sum(m.get("fresh_uncond", 0) for m in markers),
         "reused_uncond": sum(m.get("reused_uncond", 0) for m in markers),
+        "branches": _branches(markers),
         "invalidations": sum(m.get("invalidations", 0) for m in markers),
         "samples_warning": sum(m.get("samples_warning", 0) for m in markers),
         "shards_done": len(markers),
@@ -55,6 +57,21 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
     }
     write_json(out.summary_json, summary)
     return summary
+
+
+def _branches(markers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per-branch fresh / reused totals over done markers; a marker written before markers
+    carried "branches" counts its uncond totals."""
+    totals: dict[str, dict[str, int]] = {}
+    for m in markers:
+        branches = m.get("branches")
+        if branches is None:
+            branches = {"uncond": {"fresh": m.get("fresh_uncond", 0), "reused": m.get("reused_uncond", 0)}}
+        for name, counts in branches.items():
+            t = totals.setdefault(name, {"fresh": 0, "reused": 0})
+            t["fresh"] += counts["fresh"]
+            t["reused"] += counts["reused"]
+    return totals
 
 
 def _since(launch_wall: float, walls: list[float | None], pick) -> float | None:  # noqa: ANN001

@@ -119,10 +119,18 @@ def test_cfg_parallel_2_3_4_equal_serial(manifest: Path, tmp_path: Path, gate: s
 
 
 def test_per_branch_gate_steps(manifest: Path, tmp_path: Path) -> None:
-    """uncond=0.5,stg=0.25: modality is never gated; stg from step 1, uncond from step 2."""
-    samples = _batch(manifest, tmp_path / "out", "tiny-ltx2", "--cfg-gate-step", "uncond=0.5,stg=0.25")
-    counts = {c["name"]: (c["fresh"], c["reused"]) for c in samples.column("branch_counts").to_pylist()[0]}
-    assert counts == {"uncond": (2, 2), "stg": (1, 3), "modality": (4, 0)}
+    """uncond=0.5,stg=0.25: modality is never gated; stg from step 1, uncond from step 2. The
+    end-of-run line counts every auxiliary branch of both samples."""
+    proc = run_gen("batch", str(manifest), "--out", str(tmp_path / "out"), "--model", "tiny-ltx2",
+                   "--steps", str(STEPS), "--batch-size", "1", "--cfg-gate-step", "uncond=0.5,stg=0.25",
+                   env=ENV, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = pq.read_table(tmp_path / "out" / "samples")
+    for row in samples.column("branch_counts").to_pylist():
+        counts = {c["name"]: (c["fresh"], c["reused"]) for c in row}
+        assert counts == {"uncond": (2, 2), "stg": (1, 3), "modality": (4, 0)}
+    assert ("cfg gating: 14 fresh, 10 reused auxiliary predictions (42% skipped; fresh/reused: "
+            "uncond 4/4, stg 2/6, modality 8/0), 0 invalidations") in proc.stdout  # fmt: skip
     proc = run_gen("batch", str(manifest), "--out", str(tmp_path / "bad"), "--model", "tiny-ltx2",
                    "--cfg-gate-step", "cond_skip=0.5", env=ENV)  # fmt: skip
     assert proc.returncode == 2

@@ -167,3 +167,35 @@ def test_cfg_parallel_equals_serial(k: int, gate: float) -> None:
         assert layouts[2] == layouts[3] == (("cond", 0),)
     # no dummy forwards: the group runs exactly the serial forwards, each once
     assert sorted(c[0] for _, _, calls in results for c in calls) == sorted(c[0] for c in expected_pipe.transformer.calls)
+
+
+def test_end_of_run_line_counts_every_auxiliary_branch() -> None:
+    """Done markers carry per-branch totals from the samples' branch_counts; the summary sums
+    them (a marker without them counts its uncond totals) and the CLI line reports them all."""
+    import pyarrow as pa
+
+    from jobs.cli import _gating_line
+    from jobs.output.schema import samples_schema
+    from jobs.output.store import _branch_totals
+    from jobs.output.summary import _branches
+
+    counts_type = samples_schema(pa.schema([("prompt", pa.string())])).field("branch_counts").type
+    samples = pa.table({"branch_counts": pa.array([
+        [{"name": "uncond", "fresh": 2, "reused": 2, "gate_step": 2, "invalidations": 0},
+         {"name": "stg", "fresh": 1, "reused": 3, "gate_step": 1, "invalidations": 0}],
+        [{"name": "uncond", "fresh": 4, "reused": 0, "gate_step": None, "invalidations": 0},
+         {"name": "stg", "fresh": 4, "reused": 0, "gate_step": None, "invalidations": 0}],
+        [],  # an error row
+    ], type=counts_type)})  # fmt: skip
+    marker = _branch_totals(samples)
+    assert marker == {"uncond": {"fresh": 6, "reused": 2}, "stg": {"fresh": 5, "reused": 3}}
+    assert _branch_totals(pa.table({"x": [1]})) == {}
+    old = {"fresh_uncond": 3, "reused_uncond": 1}  # a marker from before per-branch totals
+    branches = _branches([{"branches": marker}, old])
+    assert branches == {"uncond": {"fresh": 9, "reused": 3}, "stg": {"fresh": 5, "reused": 3}}
+    summary = {"fresh_uncond": 9, "reused_uncond": 3, "invalidations": 1, "branches": branches}
+    assert _gating_line(summary) == ("cfg gating: 14 fresh, 6 reused auxiliary predictions (30% skipped; "
+                                     "fresh/reused: uncond 9/3, stg 5/3), 1 invalidations")  # fmt: skip
+    uncond_only = {**summary, "branches": {"uncond": branches["uncond"]}}
+    assert _gating_line(uncond_only) == ("cfg gating: 9 fresh, 3 reused unconditional predictions "
+                                         "(25% skipped), 1 invalidations")  # fmt: skip
