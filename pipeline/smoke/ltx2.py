@@ -26,6 +26,8 @@ How the parts fit together (diffusers 0.42.1):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from pipeline.smoke import SmokeModel, write_gen_defaults
@@ -48,8 +50,22 @@ DEFAULT_NUM_FRAMES = 9
 """8k + 1 frames (2 latent frames), written to gen_defaults.json."""
 
 
-def build(out: Path, seed: int = 0) -> None:
-    """Build the tiny LTX2Pipeline with seeded random weights and save_pretrained it into ``out``."""
+@dataclass(frozen=True)
+class Ltx2Spec:
+    """Transformer size of a built-in LTX-2 model (the text encoder, VAEs and vocoder are the
+    same tiny ones): video / audio widths are heads x head dim; the connectors match them."""
+
+    video_heads: int = 2
+    video_head_dim: int = 8
+    audio_heads: int = 2
+    audio_head_dim: int = 4
+    num_layers: int = NUM_LAYERS
+    default_size: int = DEFAULT_SIZE
+    default_num_frames: int = DEFAULT_NUM_FRAMES
+
+
+def build(out: Path, seed: int = 0, spec: Ltx2Spec = Ltx2Spec()) -> None:
+    """Build an LTX2Pipeline of ``spec`` with seeded random weights and save_pretrained it into ``out``."""
     import torch
     from diffusers import (
         AutoencoderKLLTX2Audio,
@@ -68,7 +84,8 @@ def build(out: Path, seed: int = 0) -> None:
     )
 
     tokenizer = gemma_tokenizer(MAX_SEQUENCE_LENGTH)
-    video_dim, audio_dim = 16, 8  # transformer widths: 2 heads x 8, 2 heads x 4
+    video_dim = spec.video_heads * spec.video_head_dim  # tiny: 2 heads x 8
+    audio_dim = spec.audio_heads * spec.audio_head_dim  # tiny: 2 heads x 4
     latent_channels, audio_latent_channels, mel_bins = 8, 2, 16
     audio_channels = audio_latent_channels * mel_bins // 4  # packed audio latent width
     with torch.random.fork_rng(devices=[]):
@@ -92,12 +109,12 @@ def build(out: Path, seed: int = 0) -> None:
         connectors = LTX2TextConnectors(
             caption_channels=TEXT_HIDDEN,
             text_proj_in_factor=TEXT_LAYERS + 1,
-            video_connector_num_attention_heads=2,
-            video_connector_attention_head_dim=video_dim // 2,
+            video_connector_num_attention_heads=spec.video_heads,
+            video_connector_attention_head_dim=spec.video_head_dim,
             video_connector_num_layers=1,
             video_connector_num_learnable_registers=128,
-            audio_connector_num_attention_heads=2,
-            audio_connector_attention_head_dim=audio_dim // 2,
+            audio_connector_num_attention_heads=spec.audio_heads,
+            audio_connector_attention_head_dim=spec.audio_head_dim,
             audio_connector_num_layers=1,
             audio_connector_num_learnable_registers=128,
             rope_type="split",
@@ -108,15 +125,15 @@ def build(out: Path, seed: int = 0) -> None:
         transformer = LTX2VideoTransformer3DModel(
             in_channels=latent_channels,
             out_channels=latent_channels,
-            num_attention_heads=2,
-            attention_head_dim=video_dim // 2,
+            num_attention_heads=spec.video_heads,
+            attention_head_dim=spec.video_head_dim,
             cross_attention_dim=video_dim,
             audio_in_channels=audio_channels,
             audio_out_channels=audio_channels,
-            audio_num_attention_heads=2,
-            audio_attention_head_dim=audio_dim // 2,
+            audio_num_attention_heads=spec.audio_heads,
+            audio_attention_head_dim=spec.audio_head_dim,
             audio_cross_attention_dim=audio_dim,
-            num_layers=NUM_LAYERS,
+            num_layers=spec.num_layers,
             caption_channels=TEXT_HIDDEN,
             rope_type="split",
             cross_attn_mod=True,  # LTX-2.3: prompt modulation from sigma
@@ -182,7 +199,7 @@ def build(out: Path, seed: int = 0) -> None:
         vocoder=vocoder,
     )
     pipe.save_pretrained(out)
-    write_gen_defaults(out, default_size=DEFAULT_SIZE, default_num_frames=DEFAULT_NUM_FRAMES,
+    write_gen_defaults(out, default_size=spec.default_size, default_num_frames=spec.default_num_frames,
                        spatio_temporal_guidance_blocks=[STG_BLOCK])
 
 
@@ -193,5 +210,11 @@ MODELS = {
         "AutoencoderKLLTX2Video (32x / 8x), AutoencoderKLLTX2Audio, LTX2Vocoder at 24 kHz; native 64x64, "
         "9 frames",
         build=build,
+    ),
+    "small-ltx2": SmokeModel(
+        description="tiny-ltx2's parts around a 4-block, 256-d (8 heads x 32; audio 64-d) audio-video "
+        "transformer (STG on block 1): a compute-bound LTX-2 step for CPU benchmarks; native 256x256, 17 frames",
+        build=partial(build, spec=Ltx2Spec(video_heads=8, video_head_dim=32, audio_heads=4, audio_head_dim=16,
+                                          num_layers=4, default_size=256, default_num_frames=17)),
     ),
 }
