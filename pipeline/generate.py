@@ -26,7 +26,7 @@ import torch
 from parallel.cfg_group import CfgGroup, CollectiveError
 from parallel.executors import CfgParallelExecutor, SerialBranchExecutor
 from pipeline.denoiser import DenoiserHook
-from pipeline.families import family_for
+from pipeline.families import Conditioning, family_for
 from pipeline.samples import SampleRequest, SampleResult
 
 
@@ -39,6 +39,17 @@ class BatchOutput:
     """time.time() when the denoise stage began."""
     end_wall: float
     """time.time() when the decode stage ended."""
+
+
+@dataclass
+class Encoded:
+    """Encode stage output of a micro-batch: what the denoise stage takes (and what the encoder
+    role hands the denoiser role)."""
+
+    cond: Conditioning
+    """One row per request."""
+    warnings: list[str | None]
+    """Per request: e.g. a truncated prompt."""
 
 
 class StageRunner:
@@ -112,52 +123,87 @@ class StageRunner:
 
     @torch.inference_mode()
     def _run(self, requests: Sequence[SampleRequest], decode: Sequence[bool]) -> list[SampleResult]:
+        with self.group.lockstep():
+            encoded = self.encode(requests)
+            latents, results = self.denoise(requests, encoded)
+        return [self.decode(result, latents[i], decode[i]) for i, result in enumerate(results)]
+
+    @torch.inference_mode()
+    def encode(self, requests: Sequence[SampleRequest]) -> Encoded:
+        """Encode stage of a micro-batch (the encoder role's work): each distinct (prompt,
+        negative prompt) once, then one row per request.
+
+        Args:
+            requests: B >= 1 requests with equal ``batch_key``.
+        Returns:
+            The B rows of conditioning and per-request warnings.
+        Raises:
+            Exception: whatever the text encoders raise (the caller retries one by one).
+        """
         first = requests[0]
         guidance = self.family.guided(first.guidance_scale, first.true_cfg_scale)
-        with self.group.lockstep():
-            # Encode each distinct (prompt, negative) once; images of one prompt share it.
-            pairs = list(dict.fromkeys((r.prompt, r.negative_prompt) for r in requests))
-            cond = self.family.encode(
-                [p for p, _ in pairs], [n for _, n in pairs], guidance=guidance
-            ).select([pairs.index((r.prompt, r.negative_prompt)) for r in requests])
-            warnings = self.family.prompt_warnings(
-                [r.prompt for r in requests],
-                [r.negative_prompt if guidance else "" for r in requests],
+        pairs = list(dict.fromkeys((r.prompt, r.negative_prompt) for r in requests))
+        cond = self.family.encode(
+            [p for p, _ in pairs], [n for _, n in pairs], guidance=guidance
+        ).select([pairs.index((r.prompt, r.negative_prompt)) for r in requests])
+        warnings = self.family.prompt_warnings(
+            [r.prompt for r in requests],
+            [r.negative_prompt if guidance else "" for r in requests],
+        )
+        if not guidance and first.true_cfg_scale is not None:  # a family with true CFG, off
+            ignored = "negative_prompt ignored: true CFG is off (true_cfg_scale <= 1)"
+            warnings = [("; ".join(w for w in (warn, ignored) if w) if r.negative_prompt else warn)
+                        for warn, r in zip(warnings, requests)]  # fmt: skip
+        return Encoded(cond, list(warnings))
+
+    @torch.inference_mode()
+    def denoise(
+        self, requests: Sequence[SampleRequest], encoded: Encoded
+    ) -> tuple[list[tuple[torch.Tensor, ...]], list[SampleResult]]:
+        """Denoise stage of a micro-batch (the denoiser role's work): noise to latents under the
+        intercept, every rank of the CFG group together.
+
+        Args:
+            requests: B >= 1 requests with equal ``batch_key``, in ``encoded``'s row order.
+            encoded: their encode stage.
+        Returns:
+            Per request, its latents (one (1, ...) tensor per denoiser output: two for LTX-2's
+            video and audio), and its result without an image: steps, gating, warnings, and
+            the error "non-finite latents after denoising" where that happened.
+        Raises:
+            Exception: whatever the pipeline raises (the caller retries one by one).
+        """
+        first = requests[0]
+        guidance = self.family.guided(first.guidance_scale, first.true_cfg_scale)
+        cond = encoded.cond
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+        start = time.perf_counter()
+        with self.hook.intercept(batch=len(requests), guidance=guidance,
+                                 cfg_gate_step=first.cfg_gate_step,
+                                 cfg_gate_steps=dict(first.cfg_gate_steps),
+                                 cfg_gate_cosine=self.cfg_gate_cosine,
+                                 branch_inputs=self.family.branch_inputs(cond)) as trace:  # fmt: skip
+            latents = self.family.denoise(
+                cond,
+                generators,
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                guidance_rescale=self.guidance_rescale,
+                **({"num_frames": first.num_frames} if first.num_frames else {}),
+                **({"image": first.image} if first.image is not None else {}),  # one per batch_key
+                **({"true_cfg_scale": first.true_cfg_scale} if first.true_cfg_scale is not None else {}),
             )
-            if not guidance and first.true_cfg_scale is not None:  # a family with true CFG, off
-                ignored = "negative_prompt ignored: true CFG is off (true_cfg_scale <= 1)"
-                warnings = [("; ".join(w for w in (warn, ignored) if w) if r.negative_prompt else warn)
-                            for warn, r in zip(warnings, requests)]  # fmt: skip
-
-            generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-            start = time.perf_counter()
-            with self.hook.intercept(batch=len(requests), guidance=guidance,
-                                     cfg_gate_step=first.cfg_gate_step,
-                                     cfg_gate_steps=dict(first.cfg_gate_steps),
-                                     cfg_gate_cosine=self.cfg_gate_cosine,
-                                     branch_inputs=self.family.branch_inputs(cond)) as trace:  # fmt: skip
-                latents = self.family.denoise(
-                    cond,
-                    generators,
-                    height=first.height,
-                    width=first.width,
-                    num_inference_steps=first.num_inference_steps,
-                    guidance_scale=first.guidance_scale,
-                    guidance_rescale=self.guidance_rescale,
-                    **({"num_frames": first.num_frames} if first.num_frames else {}),
-                    **({"image": first.image} if first.image is not None else {}),  # one per batch_key
-                    **({"true_cfg_scale": first.true_cfg_scale} if first.true_cfg_scale is not None else {}),
-                )
-            denoise_s = time.perf_counter() - start
-
-        results = []
-        nonfinite = trace.nonfinite_errors(len(requests))
+        denoise_s = time.perf_counter() - start
         parts = latents if isinstance(latents, tuple) else (latents,)  # LTX-2: (video, audio)
+        nonfinite = trace.nonfinite_errors(len(requests))
         gates = {n: g for n, g in trace.gates.items() if g.active}
+        mine_all, results = [], []
         for i, request in enumerate(requests):
             result = SampleResult(
                 request,
-                warning=warnings[i],
+                warning=encoded.warnings[i],
                 steps=[s.for_sample(i) for s in trace.steps],
                 denoise_s=denoise_s,
                 invalidations=sum(g.invalidations for g in gates.values()),
@@ -169,11 +215,28 @@ class StageRunner:
                 result.error = nonfinite[i]
             elif not all(torch.isfinite(p).all() for p in mine):
                 result.error = "non-finite latents after denoising"
-            elif decode[i]:
-                try:  # one image per VAE call (diffusers' VAE slicing)
-                    result.image = self.family.decode(mine if isinstance(latents, tuple) else mine[0],
-                                                      height=request.height, width=request.width)[0]  # fmt: skip
-                except Exception as exc:  # noqa: BLE001 - only this image is lost
-                    result.error = f"decode: {type(exc).__name__}: {exc}"
+            mine_all.append(mine)
             results.append(result)
-        return results
+        return mine_all, results
+
+    @torch.inference_mode()
+    def decode(self, result: SampleResult, latents: tuple[torch.Tensor, ...], decode: bool = True) -> SampleResult:
+        """Decode stage of one sample (the decoder role's work), one sample per VAE call
+        (diffusers' VAE slicing), so its bytes depend on nothing else in its micro-batch.
+
+        Args:
+            result: the sample's denoise result; an error result is returned as it is.
+            latents: its latents, one (1, ...) tensor per denoiser output.
+            decode: False where another rank of the CFG group decodes it (returned as it is).
+        Returns:
+            ``result`` with its image, or with the decode error (only this sample is lost).
+        """
+        if result.error is None and decode:
+            request = result.request
+            try:
+                tuple_output = self.family.convention.outputs > 1  # LTX-2: (video, audio)
+                result.image = self.family.decode(latents if tuple_output else latents[0],
+                                                  height=request.height, width=request.width)[0]  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - only this image is lost
+                result.error = f"decode: {type(exc).__name__}: {exc}"
+        return result

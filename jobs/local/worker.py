@@ -37,6 +37,7 @@ from parallel.group import barrier, cfg_group, close_ranks, init_ranks, record_e
 from parallel.platform import detect_platform, parse_dtype
 from pipeline.generate import SampleResult, StageRunner
 from pipeline.loading import ModelRef, load_pipeline
+from pipeline.roles import load_role_pipeline
 
 
 @dataclass
@@ -44,10 +45,13 @@ class RankStats:
     """What one rank did in this run (OUT/.gen/ranks/rank-NNNNN.json)."""
 
     rank: int
+    """Index of this process in the run (over every role's ranks of a split job)."""
     dp_rank: int
     cfg_rank: int
     device: str
     threads: int
+    role: str = "monolithic"
+    """"monolithic" (the whole pipeline), or the "encoder", "denoiser" or "decoder" role."""
     load_s: float = 0.0
     samples_ok: int = 0
     samples_error: int = 0
@@ -77,7 +81,8 @@ class ProgressFile:
 
 def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_rank: int,
              threads: int, scope: str = "local", shard_indices: Sequence[int] | None = None,
-             pin_cpus: bool = True) -> RankStats:  # fmt: skip
+             pin_cpus: bool = True, role: str = "monolithic", rank_base: int = 0,
+             device_base: int = 0, wait_upstream: bool = False) -> RankStats:  # fmt: skip
     """Run one rank's share of the job in ``out_dir`` (whose job.json the launcher wrote).
 
     Args:
@@ -91,6 +96,12 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             skipped.
         pin_cpus: pin CPU ranks to their own cores (off when the cores this process sees are
             not its own, e.g. a SLURM task on a node without CPU binding).
+        role: "monolithic" (the whole pipeline), or one role of a split job ("encoder",
+            "denoiser", "decoder": jobs.local.stages); rank and world_size are then the role's.
+        rank_base: this role's first index among the run's processes (stats and error files).
+        device_base: this role's first device slot (role rank r uses (base + r) % devices).
+        wait_upstream: a split job's previous role runs at the same time: wait for its stage
+            files instead of skipping shards that lack them.
     Returns:
         This rank's stats (also written to OUT/.gen/runs/SCOPE/ranks/).
     """
@@ -98,25 +109,31 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     job = json.loads(out.job_json.read_text())
     config = BatchConfig.from_dict(job["config"])
     platform = detect_platform()
-    device = platform.bind(local_rank)
+    monolithic = role == "monolithic"
+    device = platform.bind(local_rank if monolithic else (device_base + local_rank) % max(1, platform.num_devices))
     if platform.name == "cpu":
         torch.set_num_threads(threads)
         if pin_cpus:
             pin_cpu_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), threads)
     init_ranks(rank=rank, world_size=world_size, platform=platform,
                timeout_s=config.collective_timeout_s)  # fmt: skip
-    dims = config.dims
+    dims = config.dims if monolithic else config.role_dims(role)
     if dims.world_size != world_size:
-        raise JobError(f"job.json plans {dims.world_size} ranks, but {world_size} were started")
+        raise JobError(f"job.json plans {dims.world_size} {'' if monolithic else role + ' '}ranks, "
+                       f"but {world_size} were started")  # fmt: skip
     dp_rank, cfg_rank = dims.coords(rank)
     group = cfg_group(dims, rank, device=device, timeout_s=config.collective_timeout_s)
-    stats = RankStats(rank=rank, dp_rank=dp_rank, cfg_rank=cfg_rank, device=str(device),
-                      threads=torch.get_num_threads())  # fmt: skip
+    stats = RankStats(rank=rank_base + rank, dp_rank=dp_rank, cfg_rank=cfg_rank, device=str(device),
+                      threads=torch.get_num_threads(), role=role)  # fmt: skip
 
     start = time.perf_counter()
     model = ModelRef(**job["model"])
+    dtype = parse_dtype(config.dtype, platform)
     try:
-        pipe = load_pipeline(model, dtype=parse_dtype(config.dtype, platform), device=device)
+        if monolithic:
+            pipe = load_pipeline(model, dtype=dtype, device=device)
+        else:
+            pipe = load_role_pipeline(model, role, dtype=dtype, device=device)
         runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
                              guidance_rescale=config.guidance_rescale, group=group,
                              cfg_gate_cosine=config.cfg_gate_cosine)  # fmt: skip
@@ -170,9 +187,18 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         schema = samples_schema(manifest.schema, family.output_kind)
     except ValueError as exc:  # a manifest column named like an output column
         raise JobError(f"{config.manifest}: {exc}") from None
-    progress = ProgressFile(out, rank)
-    progress.add(0, force=True)  # loaded: the launcher starts its bar
+    progress = ProgressFile(out, stats.rank) if role in ("monolithic", "decoder") else None
+    if progress is not None:
+        progress.add(0, force=True)  # loaded: the launcher starts its bar
     shards = select_shards(manifest.num_rows, config.shard_size, shard_indices)
+    if not monolithic:
+        from jobs.local.stages import RoleRun
+
+        RoleRun(role, out=out, run_id=run_id, config=config, runner=runner, manifest=manifest,
+                defaults=defaults, schema=schema, group=group, dims=dims, rank=rank, stats=stats,
+                progress=progress, device=device, wait_upstream=wait_upstream).run(shards)  # fmt: skip
+        _finish(out, stats, platform, device)
+        return stats
     for shard in shards:
         if out.is_done(shard):
             continue
@@ -215,13 +241,18 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         for shard in shards:
             if not out.is_done(shard):
                 out.try_commit(shard, run_id, world_size, _num_samples(manifest, shard, defaults))
+    _finish(out, stats, platform, device)
+    return stats
+
+
+def _finish(out: OutputDir, stats: RankStats, platform, device: torch.device) -> None:  # noqa: ANN001
+    """Record this rank's peaks and stats, and leave the process group with the others."""
     stats.peak_rss_bytes = peak_rss_bytes()
     if platform.name == "cuda":
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
-    write_json(out.rank_stats(rank), stats.__dict__)
+    write_json(out.rank_stats(stats.rank), stats.__dict__)
     barrier()
     close_ranks()
-    return stats
 
 
 def _num_samples(manifest, shard, defaults) -> int:  # noqa: ANN001
@@ -285,24 +316,33 @@ def parse_shards(arg: str) -> list[int] | None:
 
 @record_errors
 def main() -> None:
-    """torchrun entry: ``python -m jobs.local.worker OUT RUN_ID SCOPE SHARDS [--no-pin]``."""
+    """torchrun entry: ``python -m jobs.local.worker OUT RUN_ID SCOPE SHARDS [--no-pin]
+    [--role ROLE --rank-base K --device-base D] [--wait-upstream]``."""
     die_with_parent(os.getppid())
     out_dir, run_id, scope, shards = sys.argv[1:5]
+    flags = sys.argv[5:]
+
+    def value(flag: str, default: str) -> str:
+        return flags[flags.index(flag) + 1] if flag in flags else default
+
+    role, rank_base = value("--role", "monolithic"), int(value("--rank-base", "0"))
     rank = int(os.environ["RANK"])
     out = OutputDir(out_dir, scope)
     try:
         run_rank(out_dir, run_id, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
                  local_rank=int(os.environ["LOCAL_RANK"]),
                  threads=int(os.environ.get("OMP_NUM_THREADS") or 1), scope=scope,
-                 shard_indices=parse_shards(shards), pin_cpus="--no-pin" not in sys.argv[5:])  # fmt: skip
+                 shard_indices=parse_shards(shards), pin_cpus="--no-pin" not in flags, role=role,
+                 rank_base=rank_base, device_base=int(value("--device-base", "0")),
+                 wait_upstream="--wait-upstream" in flags)  # fmt: skip
     except JobError as exc:
-        report_failure(out, rank, exc, collective=False)
+        report_failure(out, rank_base + rank, exc, collective=False)
         sys.exit(JOB_ERROR_EXIT)
     except CollectiveError as exc:
-        report_failure(out, rank, exc, collective=True)
+        report_failure(out, rank_base + rank, exc, collective=True)
         sys.exit(3)
     except Exception as exc:
-        report_failure(out, rank, exc, collective=False)
+        report_failure(out, rank_base + rank, exc, collective=False)
         raise  # torchrun's recorder shows the traceback
 
 

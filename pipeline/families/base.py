@@ -109,6 +109,10 @@ class Family:
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
 
+    role_components: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Components whose roles differ from pipeline.roles' map by name (component -> the roles
+    that load it), because this family's stages run them elsewhere."""
+
     extra_branches: ClassVar[tuple[str, ...]] = ()
     """Branches some steps add beyond the convention's calls (SD3's skip-layer "cond_skip")."""
 

@@ -68,6 +68,7 @@ class LTX2Family(Family):
     predictions from every call."""
 
     pipeline_classes = ("LTX2Pipeline",)
+    role_components = {"connectors": ("denoiser",)}  # run inside __call__ (:1251), not by encode_prompt
     convention = CfgConvention(
         denoisers=("transformer",),
         calls=(("uncond", "cond"), ("stg",), ("modality",)),

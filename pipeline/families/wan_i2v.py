@@ -51,6 +51,8 @@ class WanImageToVideoFamily(WanFamily):
         merge_calls=True,  # as Wan: cond and uncond in one forward with cfg batching
     )
     image_input = True
+    # __call__ encodes the image (CLIP, Wan 2.1) and its VAE latents: the denoise stage needs both.
+    role_components = {"image_encoder": ("denoiser",), "vae": ("denoiser", "decoder")}
     call_defaults = {"num_inference_steps": 50, "guidance_scale": 5.0}
 
     def denoise(

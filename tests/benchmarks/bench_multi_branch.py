@@ -4,8 +4,11 @@
 Runs the real `gen batch` CLI on small-ltx2 (a 4-block 256-d audio-video transformer, 256x256,
 17 frames: ~100 ms per sample forward on one core), interleaved (A B C ... A B C ...) to cancel
 drift, every run with --no-cfg-batching so that a step is 4 forwards of the micro-batch. The
-figure is the denoising time of the job: the prompts are one micro-batch per data-parallel
-group, so it is the largest ``denoise_s`` of the samples (their micro-batch's, decode excluded).
+prompts are one micro-batch per data-parallel group, so the job's figures are the largest over
+its samples of: ``steps``, the sum of the sample's ``step_s`` (the denoiser calls of every step,
+with the CFG-parallel exchange: what the ratios are about), and ``denoise``, its micro-batch's
+``denoise_s`` (the whole pipeline call: also LTX-2's text connectors and latent preparation,
+which every rank of a CFG group runs; decode excluded).
 
 - speedup of --cfg-parallel-size 2 over serial: ideal 2.0 (each rank runs 2 of the 4 branches);
   its bound on this machine is measured in the same run as data parallel 2 at half the batch
@@ -59,18 +62,26 @@ def main() -> None:
     pq.write_table(pa.table({"prompt": [f"a photo of thing {i}" for i in range(args.prompts)]}), manifest)
     runs = _runs(args.batch)
     denoise: dict[str, list[float]] = {name: [] for name in runs}
+    steps: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for i, (name, extra) in enumerate(runs.items()):
             out = work / f"out{i}"
             summary = gen(manifest, out, args, extra)
             assert summary["samples_ok"] == args.prompts, summary
             denoise[name].append(max(pq.read_table(out / "samples").column("denoise_s").to_pylist()))
-    med = {name: statistics.median(v) for name, v in denoise.items()}
+            per_sample: dict[str, float] = {}
+            for row in pq.read_table(out / "steps", columns=["sample_id", "step_s"]).to_pylist():
+                per_sample[row["sample_id"]] = per_sample.get(row["sample_id"], 0.0) + row["step_s"]
+            steps[name].append(max(per_sample.values()))
+    med = {name: statistics.median(v) for name, v in steps.items()}
+    med_denoise = {name: statistics.median(v) for name, v in denoise.items()}
     print(f"{args.model}, {args.prompts} prompts, batch {args.batch}, {args.size}px, {args.steps} steps, "
           f"4 branches, --no-cfg-batching, 1 thread per rank, median of {args.repeats}")  # fmt: skip
     width = max(map(len, runs))
-    for name, v in denoise.items():
-        print(f"  {name:{width}s}  denoise {med[name]:7.3f} s  ({', '.join(f'{x:.2f}' for x in v)})")
+    for name, v in steps.items():
+        print(f"  {name:{width}s}  steps {med[name]:7.3f} s ({', '.join(f'{x:.2f}' for x in v)})  "
+              f"denoise {med_denoise[name]:7.3f} s ({', '.join(f'{x:.2f}' for x in denoise[name])})")
+    print("ratios of steps:")
     bound = med["serial"] / med["dp 2, half batch (bound)"]
     speedup = med["serial"] / med["cfg 2"]
     print(f"cfg 2 over serial: {speedup:.2f}x (ideal 2.00; bound dp 2 at half batch {bound:.2f}x; "
