@@ -7,7 +7,7 @@ import time
 import click
 
 from jobs import __version__
-from jobs.config import DTYPES, BatchConfig, parse_cfg_gate_step
+from jobs.config import DTYPES, BatchConfig, parse_cfg_gate_step, parse_role_gpus
 from jobs.errors import JobError, RunFailed
 
 
@@ -54,6 +54,10 @@ def main() -> None:
 @click.option("--gpus", type=int, default=1, show_default=True, help="Ranks on this node (CPU ranks when there is no GPU).")
 @click.option("--cfg-parallel-size", type=int, help="Ranks per CFG group; --gpus = dp x this [default: 2 if --gpus is even and --guidance-scale > 1, else 1].")
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
+@click.option("--roles", type=click.Choice(("monolithic", "split")), default="monolithic", show_default=True, help="split: encoder, denoiser and decoder run as separate ranks, each loading only its own modules, handing results on through OUT/stages/.")
+@click.option("--role", type=click.Choice(("encoder", "denoiser", "decoder")), help="Run one role of a split job alone on --gpus ranks (the previous role's stage files must be there).")
+@click.option("--role-gpus", help="Ranks per role with --roles split, e.g. encoder=1,denoiser=6,decoder=1 [default: encoder=1, denoiser=--gpus, decoder=1; roles share the node's devices].")
+@click.option("--keep-intermediates", is_flag=True, help="Keep OUT/stages/ (embeddings, latents) after each shard is committed.")
 @click.option("--collective-timeout", "collective_timeout_s", type=float, default=300.0, show_default=True, help="Seconds before a stuck collective fails the run.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out directory that holds a different job.")
 @click.option("--retry-errors", is_flag=True, help="Generate again the samples whose status is error (and the unfinished ones); ok samples are kept.")
@@ -87,6 +91,7 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
         options["spatio_temporal_guidance_blocks"] = _layers(options["spatio_temporal_guidance_blocks"],
                                                              "--spatio-temporal-guidance-blocks")  # fmt: skip
         options["cfg_gate_step"], options["cfg_gate_steps"] = parse_cfg_gate_step(options["cfg_gate_step"])
+        options["role_gpus"] = parse_role_gpus(options["role_gpus"])
         config = BatchConfig(manifest=manifest, out=out or default_out_dir(manifest), **options)  # type: ignore[arg-type]
         if dry_run:
             from jobs.dry_run import format_plan, plan_dry_run

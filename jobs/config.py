@@ -10,6 +10,9 @@ from jobs.errors import JobError
 from parallel.dims import ParallelDims, default_cfg_size
 
 DEFAULT_SHARD_ROWS = 1000
+ROLE_MODES = ("monolithic", "split")
+ROLE_NAMES = ("encoder", "denoiser", "decoder")
+"""pipeline.roles.ROLES (not imported here: the CLI checks options before torch is imported)."""
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -93,6 +96,17 @@ class BatchConfig:
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
     collective_timeout_s: float = 300.0
     """Seconds a collective may wait before the run fails instead of hanging, > 0."""
+    roles: str = "monolithic"
+    """"monolithic" (each rank runs the whole pipeline) or "split" (encoder, denoiser and decoder
+    ranks, each loading only its own modules: jobs.local.stages)."""
+    role: str | None = None
+    """Run one role alone ("encoder", "denoiser", "decoder") on --gpus ranks; None = all."""
+    role_gpus: tuple[tuple[str, int], ...] = ()
+    """Ranks per role of a split job, e.g. (("encoder", 1), ("denoiser", 6), ("decoder", 1));
+    resolved on construction to all three (default encoder 1, denoiser --gpus, decoder 1;
+    ``role`` alone: that role --gpus). Roles share the node's devices round-robin."""
+    keep_intermediates: bool = False
+    """Keep OUT/stages/ (the encoder and denoiser stage files) after a shard is committed."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, option: str, value: Any, allowed: str) -> None:
@@ -149,15 +163,22 @@ class BatchConfig:
         need(self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1")
         need(0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2**63)")
         need(self.gpus >= 1, "--gpus", self.gpus, "must be >= 1")
+        need(self.roles in ROLE_MODES, "--roles", self.roles, f"one of {', '.join(ROLE_MODES)}")
+        need(self.role is None or self.role in ROLE_NAMES, "--role", self.role, f"one of {', '.join(ROLE_NAMES)}")
+        if self.split:
+            object.__setattr__(self, "role_gpus", self._resolve_role_gpus())
+        elif self.role_gpus:
+            raise JobError("--role-gpus needs --roles split (or --role)")
         if self.cfg_parallel_size is None:
             guided = self.guidance_scale is None or self.guidance_scale > 1 or (self.true_cfg_scale or 0) > 1
-            k = default_cfg_size(self.gpus, guidance=guided)
+            k = default_cfg_size(self.role_ranks("denoiser") if self.split else self.gpus, guidance=guided)
             object.__setattr__(self, "cfg_parallel_size", k)
         need(self.cfg_parallel_size >= 1, "--cfg-parallel-size", self.cfg_parallel_size, ">= 1")
         try:
             _ = self.dims
         except ValueError as exc:
-            raise JobError(f"--gpus {self.gpus} --cfg-parallel-size {self.cfg_parallel_size}: {exc}") from None
+            ranks = f"--role-gpus denoiser={self.role_ranks('denoiser')}" if self.split else f"--gpus {self.gpus}"
+            raise JobError(f"{ranks} --cfg-parallel-size {self.cfg_parallel_size}: {exc}") from None
         need(self.collective_timeout_s > 0, "--collective-timeout", self.collective_timeout_s, "> 0")
         if self.shard_size is None:
             rows = math.ceil(DEFAULT_SHARD_ROWS / self.batch_size) * self.batch_size
@@ -171,8 +192,40 @@ class BatchConfig:
 
     @property
     def dims(self) -> ParallelDims:
-        """The rank grid: gpus = dp x cfg_parallel_size, cfg innermost."""
+        """The rank grid: gpus = dp x cfg_parallel_size, cfg innermost (a split job: its
+        denoiser ranks')."""
+        if self.split:
+            return self.role_dims("denoiser")
         return ParallelDims(dp=-1, cfg=self.cfg_parallel_size or 1, world_size=self.gpus)
+
+    @property
+    def split(self) -> bool:
+        """The job runs as roles (``--roles split`` or ``--role R``)."""
+        return self.roles == "split" or self.role is not None
+
+    def role_ranks(self, role: str) -> int:
+        """Ranks of ``role`` in a split job (resolved role_gpus)."""
+        return dict(self.role_gpus)[role]
+
+    def role_dims(self, role: str) -> ParallelDims:
+        """The rank grid of one role: CFG groups only in the denoiser (the others run no step).
+
+        Raises:
+            ValueError: cfg_parallel_size does not divide the denoiser's ranks.
+        """
+        cfg = (self.cfg_parallel_size or 1) if role == "denoiser" else 1
+        return ParallelDims(dp=-1, cfg=cfg, world_size=self.role_ranks(role))
+
+    def _resolve_role_gpus(self) -> tuple[tuple[str, int], ...]:
+        given = dict(self.role_gpus)
+        for name, n in given.items():
+            if name not in ROLE_NAMES or not isinstance(n, int) or n < 1:
+                raise JobError(f"--role-gpus {name}={n} is invalid: ROLE=N items with ROLE one of "
+                               f"{', '.join(ROLE_NAMES)} and N >= 1")  # fmt: skip
+        defaults = {"encoder": 1, "denoiser": self.gpus, "decoder": 1}
+        if self.role is not None:
+            defaults[self.role] = self.gpus
+        return tuple((name, given.get(name, defaults[name])) for name in ROLE_NAMES)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for job.json)."""
@@ -210,6 +263,25 @@ LTX2_OPTIONS = ("stg_scale", "modality_scale", "audio_guidance_scale", "audio_st
 def _lists(value: Any) -> Any:
     """Tuples (nested too) as lists, as they read back from JSON."""
     return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def parse_role_gpus(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``--role-gpus encoder=1,denoiser=6,decoder=1`` (roles not named keep their default).
+
+    Raises:
+        JobError: an item that is not ROLE=N with a known role and N >= 1, or a role twice.
+    """
+    found: dict[str, int] = {}
+    for item in (part.strip() for part in (text or "").split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in ROLE_NAMES or not value.strip().isdigit() or int(value) < 1 or name in found:
+            raise JobError(f"--role-gpus {text!r} is invalid: ROLE=N items, ROLE one of {', '.join(ROLE_NAMES)} "
+                           "(each once), N >= 1, e.g. encoder=1,denoiser=6,decoder=1")  # fmt: skip
+        found[name] = int(value)
+    return tuple(found.items())
 
 
 def parse_cfg_gate_step(text: object) -> tuple[float, tuple[tuple[str, float], ...]]:

@@ -86,9 +86,21 @@ def _family(model: ModelRef) -> tuple[str, Any] | None:
         return None
 
 
+def describe_layout(config: BatchConfig) -> str:
+    """One line: the rank grid, and for a split job each role's ranks (the denoiser's grid)."""
+    if not config.split:
+        return config.dims.describe()
+    roles = [config.role] if config.role else ["encoder", "denoiser", "decoder"]
+    return "roles " + ", ".join(
+        f"denoiser {config.dims.describe()}" if r == "denoiser" else f"{r} {config.role_ranks(r)} rank(s)"
+        for r in roles
+    )
+
+
 def _layout(config: BatchConfig) -> dict[str, Any]:
     dims = config.dims
     return {
+        **({"roles": dict(config.role_gpus)} if config.split else {}),
         "world_size": dims.world_size,
         "dp": dims.dp_size,
         "cfg": dims.cfg,
@@ -125,7 +137,7 @@ def _check_same_job(out: OutputDir, fingerprint: str, config: BatchConfig) -> No
 
 
 def _clear(out: OutputDir) -> None:
-    for name in ("samples", "steps", "done", ".gen", "slurm"):
+    for name in ("samples", "steps", "done", ".gen", "slurm", "stages"):
         shutil.rmtree(out.root / name, ignore_errors=True)
     for f in (out.job_json, out.summary_json):
         f.unlink(missing_ok=True)
@@ -204,7 +216,7 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
                        "devices are visible")  # fmt: skip
     if on_this_node and platform.name == "cpu":
         echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
-    echo(f"layout: {config.dims.describe()}" + ("" if on_this_node else " per SLURM task"))
+    echo(f"layout: {describe_layout(config)}" + ("" if on_this_node else " per SLURM task"))
     gating = config.cfg_gate_step < 1 or config.cfg_gate_cosine is not None or any(f < 1 for _, f in config.cfg_gate_steps)
     if gating and config.guidance_scale is not None and config.guidance_scale <= 1 and not (config.true_cfg_scale or 0) > 1:
         echo(f"warning: CFG gating has no effect: --guidance-scale {config.guidance_scale:g} <= 1 "

@@ -96,8 +96,12 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
         for shard in unfinished:
             if out.clear_stale_commit(shard):
                 echo(f"{shard.name}: removed the commit lock of a run killed while committing")
-        _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
-                   pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip
+        config = BatchConfig.from_dict(job["config"])
+        if config.split:
+            _run_roles(out, run_id, config, threads=threads, shard_indices=shard_indices, lock_fds=locks.fds)
+        else:
+            _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
+                       pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip
 
 
 def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
@@ -126,6 +130,53 @@ def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
             f"{cause}. Finished shards and flushed samples are kept: re-run the same command "
             "to resume."
         )
+
+
+def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int,
+               shard_indices: list[int] | None, lock_fds: list[int]) -> None:  # fmt: skip
+    """A split job: each role's ranks under their own torchrun, all roles at once (pipelined:
+    the denoiser starts a shard as soon as the encoder's stage file of it is done), or the one
+    ``--role``. Device slots: denoiser ranks first (0..d-1), then encoder, then decoder, modulo
+    the visible devices; ranks are not pinned to cores (roles share them). When a role's ranks
+    exit, its ended marker tells the next role to stop waiting for shards it did not finish.
+
+    Raises:
+        JobError / RunFailed: as _run_ranks, for the first role that failed.
+    """
+    from jobs.local.stages import mark_role_ended
+    from jobs.local.worker import format_shards
+    from pipeline.roles import ROLES
+
+    counts = dict(config.role_gpus)
+    rank_base = {r: sum(counts[q] for q in ROLES[: ROLES.index(r)]) for r in ROLES}
+    slots = ("denoiser", "encoder", "decoder")
+    device_base = {r: sum(counts[q] for q in slots[: slots.index(r)]) for r in slots}
+    roles = [config.role] if config.role else list(ROLES)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    procs = {}
+    for role in roles:
+        cmd = [
+            sys.executable, "-m", "jobs.local.torchrun", str(os.getpid()), "--standalone",
+            f"--nproc-per-node={counts[role]}", "-m", "jobs.local.worker", str(out.root), run_id, out.scope,
+            format_shards(shard_indices), "--no-pin", "--role", role, "--rank-base", str(rank_base[role]),
+            "--device-base", str(device_base[role]), *(["--wait-upstream"] if config.role is None else []),
+        ]  # fmt: skip
+        procs[role] = subprocess.Popen(cmd, env=env, pass_fds=lock_fds)
+    codes: dict[str, int] = {}
+    while len(codes) < len(procs):
+        for role, proc in procs.items():
+            if role not in codes and proc.poll() is not None:
+                codes[role] = proc.returncode
+                mark_role_ended(out, role, proc.returncode)
+        time.sleep(0.05)
+    failed = [r for r in roles if codes[r] != 0]
+    if failed:
+        report = _first_failure(out)
+        if report is not None and report.get("job_error"):
+            raise JobError(report["error"])
+        cause = _describe_failure(report, codes[failed[0]])
+        raise RunFailed(f"{failed[0]} role: {cause}. Finished shards, flushed samples and stage files are kept: "
+                        "re-run the same command to resume.")  # fmt: skip
 
 
 def _first_failure(out: OutputDir) -> dict[str, Any] | None:

@@ -191,16 +191,28 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
     if progress is not None:
         progress.add(0, force=True)  # loaded: the launcher starts its bar
     shards = select_shards(manifest.num_rows, config.shard_size, shard_indices)
-    if not monolithic:
-        from jobs.local.stages import RoleRun
+    if role in ("encoder", "denoiser"):
+        from jobs.local.stages import StageRole
 
-        RoleRun(role, out=out, run_id=run_id, config=config, runner=runner, manifest=manifest,
-                defaults=defaults, schema=schema, group=group, dims=dims, rank=rank, stats=stats,
-                progress=progress, device=device, wait_upstream=wait_upstream).run(shards)  # fmt: skip
+        StageRole(role, out=out, config=config, runner=runner, manifest=manifest, defaults=defaults,
+                  group=group, dp_rank=dp_rank, dp_size=dims.dp_size, stats=stats, device=device,
+                  wait_upstream=wait_upstream).run(shards)  # fmt: skip
         _finish(out, stats, platform, device)
         return stats
+    if role == "decoder":
+        from jobs.local.stages import DecodeSource
+
+        source = DecodeSource(out=out, runner=runner, stats=stats, device=device, wait_upstream=wait_upstream,
+                              keep_intermediates=config.keep_intermediates)  # fmt: skip
+        ready, produce, committed = source.ready, source.produce, source.committed
+    else:
+        ready, committed = (lambda shard: True), (lambda shard: None)
+
+        def produce(todo: list[PlannedSample], writes: set[str]):  # noqa: ANN202
+            return _generate(runner, todo, writes, stats)
+
     for shard in shards:
-        if out.is_done(shard):
+        if out.is_done(shard) or not ready(shard):
             continue
         rows = read_rows(manifest, shard.start, shard.stop)
         planned = plan_rows(rows, shard.start, defaults)
@@ -216,7 +228,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             if missing:
                 # The whole micro-batch runs again, even if a crash left part of it flushed:
                 # its composition, and so every image's bytes, stay as planned.
-                results, span = _generate(runner, batch, writes, stats)
+                results, span = produce(batch, writes)
+                _count(batch, results, writes, stats)
                 if span is not None:
                     first_wall = first_wall or span[0]
                     last_wall = span[1]
@@ -234,13 +247,16 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         out.mark_rank_finished(shard, run_id, rank,
                                {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
         failpoint("rank-finished")
-        out.try_commit(shard, run_id, world_size, len(planned))
+        if out.try_commit(shard, run_id, world_size, len(planned)):
+            committed(shard)
     progress.add(0, force=True)
     barrier()
     if rank == 0:  # a shard whose last finisher lost the commit race
         for shard in shards:
             if not out.is_done(shard):
                 out.try_commit(shard, run_id, world_size, _num_samples(manifest, shard, defaults))
+            if out.is_done(shard):
+                committed(shard)
     _finish(out, stats, platform, device)
     return stats
 
@@ -266,7 +282,7 @@ def _generate(
     wall-clock span (denoise start, decode end) of the generation, if anything was generated.
 
     Every rank of the CFG group calls this with the same ``todo``; this rank decodes only the
-    samples in ``writes`` (the rows it writes) and counts only those in ``stats``.
+    samples in ``writes`` (the rows it writes).
     """
     gen = [p for p in todo if p.error is None]
     by_id: dict[str, SampleResult] = {}
@@ -281,14 +297,18 @@ def _generate(
         stats.last_decode_wall = output.end_wall
         by_id = {r.request.sample_id: r for r in output.results}
     results = [by_id.get(p.request.sample_id) for p in todo]
-    for p, r in zip(todo, results):
-        if p.request.sample_id not in writes:
-            continue
-        if r is not None and r.error is None:
-            stats.samples_ok += 1
-        else:
-            stats.samples_error += 1
     return results, span
+
+
+def _count(todo: list[PlannedSample], results: list[SampleResult | None], writes: set[str],
+           stats: RankStats) -> None:  # fmt: skip
+    """Count the samples this rank writes as ok or error in ``stats``."""
+    for p, r in zip(todo, results):
+        if p.request.sample_id in writes:
+            if r is not None and r.error is None:
+                stats.samples_ok += 1
+            else:
+                stats.samples_error += 1
 
 
 def report_failure(out: OutputDir, rank: int, exc: BaseException, *, collective: bool) -> None:

@@ -16,6 +16,7 @@ files unless ``--keep-intermediates``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict
@@ -167,6 +168,9 @@ class StageFiles:
         for role in STAGE_ROLES:
             self.done(role, shard).unlink(missing_ok=True)
             self.path(role, shard).unlink(missing_ok=True)
+        for d in [*(self.root / r / "done" for r in STAGE_ROLES), *(self.root / r for r in STAGE_ROLES), self.root]:
+            with contextlib.suppress(OSError):  # not empty (other shards), or gone
+                d.rmdir()
 
     def clear(self) -> None:
         """Remove every stage file (--overwrite)."""

@@ -50,13 +50,30 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "run_samples_error": sum(r["samples_error"] for r in ranks),
         "run_samples_skipped": sum(r["samples_skipped"] for r in ranks),
         "ranks": [
-            {k: r[k] for k in ("rank", "dp_rank", "cfg_rank", "device", "threads", "load_s", "samples_ok",
-                               "samples_error", "peak_rss_bytes", "peak_device_bytes")}
+            {k: r.get(k, "monolithic") for k in ("rank", "role", "dp_rank", "cfg_rank", "device", "threads", "load_s",
+                                                 "samples_ok", "samples_error", "peak_rss_bytes", "peak_device_bytes")}
             for r in ranks
         ],  # fmt: skip
+        "roles": _roles(ranks),
     }
     write_json(out.summary_json, summary)
     return summary
+
+
+def _roles(ranks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per role of this run ("monolithic" for an unsplit one): its ranks, the largest peak RSS
+    of one of its ranks and their sum (bytes), the largest peak device memory, and load_s."""
+    roles: dict[str, dict[str, Any]] = {}
+    for r in sorted(ranks, key=lambda r: r["rank"]):
+        role = roles.setdefault(r.get("role", "monolithic"), {"ranks": 0, "peak_rss_bytes": 0, "sum_peak_rss_bytes": 0,
+                                                               "peak_device_bytes": None, "load_s": 0.0})  # fmt: skip
+        role["ranks"] += 1
+        role["peak_rss_bytes"] = max(role["peak_rss_bytes"], r.get("peak_rss_bytes") or 0)
+        role["sum_peak_rss_bytes"] += r.get("peak_rss_bytes") or 0
+        if r.get("peak_device_bytes") is not None:
+            role["peak_device_bytes"] = max(role["peak_device_bytes"] or 0, r["peak_device_bytes"])
+        role["load_s"] = max(role["load_s"], r.get("load_s") or 0.0)
+    return roles
 
 
 def _branches(markers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
