@@ -73,6 +73,7 @@ def main() -> None:
 @click.option("--shards-per-task", type=int, default=1, show_default=True, help="Consecutive shards per SLURM array task.")
 @click.option("--slurm-setup", multiple=True, help="Shell line run before each task (module load ...); repeatable.")
 @click.option("--slurm-extra", multiple=True, help="Further sbatch option KEY=VALUE (e.g. constraint=a100); repeatable.")
+@click.option("--role-slurm-extra", multiple=True, help="With --roles split: an sbatch option KEY=VALUE for one role's arrays, as ROLE:KEY=VALUE (e.g. decoder:partition=small, encoder:mem=64G); repeatable.")
 @click.option("--requeue/--no-requeue", default=True, show_default=True, help="Submit with sbatch --requeue (preempted or requeued tasks resume).")
 @click.option("--wait", is_flag=True, help="With --slurm: block until every shard is done, with a progress bar.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (shards, micro-batches, ranks; with --slurm: tasks and arrays) and stop: nothing is started or written.")
@@ -194,20 +195,21 @@ def bench(batch_sizes: str, no_adaptive: bool, cfg_gate_cosine: float, **options
 
 
 _SLURM_OPTIONS = ("partition", "time_limit", "account", "qos", "cpus_per_task", "mem",
-                  "array_parallelism", "shards_per_task", "slurm_setup", "slurm_extra", "requeue",
-                  "wait")  # fmt: skip
-_SLURM_DEFAULTS = {"time_limit": "60", "shards_per_task": 1, "slurm_setup": (), "slurm_extra": (),
+                  "array_parallelism", "shards_per_task", "slurm_setup", "slurm_extra", "role_slurm_extra",
+                  "requeue", "wait")  # fmt: skip
+_SLURM_DEFAULTS = {"time_limit": "60", "shards_per_task": 1, "slurm_setup": (), "slurm_extra": (), "role_slurm_extra": (),
                    "requeue": True, "wait": False}  # fmt: skip
 
 
 def _slurm_options(args: dict[str, object]):  # noqa: ANN202
-    from jobs.slurm.params import SlurmOptions, parse_extra
+    from jobs.slurm.params import SlurmOptions, parse_extra, parse_role_extra
 
     return SlurmOptions(
         partition=args["partition"], time=args["time_limit"], account=args["account"],
         qos=args["qos"], cpus_per_task=args["cpus_per_task"], mem=args["mem"],
         array_parallelism=args["array_parallelism"], setup=tuple(args["slurm_setup"]),
-        extra=parse_extra(args["slurm_extra"]), shards_per_task=args["shards_per_task"],
+        extra=parse_extra(args["slurm_extra"]), role_extra=parse_role_extra(args["role_slurm_extra"]),
+        shards_per_task=args["shards_per_task"],
         requeue=args["requeue"], wait=args["wait"],
     )  # type: ignore[arg-type]  # fmt: skip
 

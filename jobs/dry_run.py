@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError
-from jobs.job import job_differences
+from jobs.job import describe_layout, job_differences
 from jobs.manifest import Manifest, open_manifest
 from jobs.output.lock import live_holders
 from jobs.output.store import OutputDir
@@ -217,7 +217,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
         shards_reopened=len(reopened),
         micro_batches=sum(math.ceil(rows(i) / config.batch_size) for i in fresh),
         images=images,
-        layout=config.dims.describe(),
+        layout=describe_layout(config),
         threads_per_rank=threads,
         out=str(out.root),
         out_state=out_state,
@@ -262,4 +262,10 @@ def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
                          f"tasks {a.first_task:,}-{a.last_task:,}, shards {a.first_shard:,}-{a.last_shard:,}")  # fmt: skip
         lines.append(f"  each task: 1 node, --gpus-per-node={s['gpus_per_node']}, --time={s['time_minutes']} min"
                      f"{', --partition=' + s['partition'] if s['partition'] else ''}; {plan.layout}")  # fmt: skip
+        if config.split:
+            roles = [config.role] if config.role else ["encoder", "denoiser", "decoder"]
+            lines.append(f"  split: each array above is {len(roles)} array(s), one per role ({', '.join(roles)}), "
+                         "each with its role's --role-gpus as --gpus-per-node, chained task by task with "
+                         "--dependency=aftercorr:<previous role's array> --kill-on-invalid-dep=yes; a task starts "
+                         "at the first role its shards still need")  # fmt: skip
     return lines

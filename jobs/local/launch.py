@@ -62,7 +62,7 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
 def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
                shard_indices: list[int] | None = None, pin_cpus: bool = True,
                echo: Callable[[str], None] = print, locks: ShardLocks | None = None,
-               lock_wait_s: float = 0.0) -> None:  # fmt: skip
+               lock_wait_s: float = 0.0, role: str | None = None) -> None:  # fmt: skip
     """Run ``gpus`` ranks over the shards (None: all) on this node, under ``out.scope``.
 
     The run first takes the write lock of every unfinished shard it covers (jobs.output.lock): a shard
@@ -74,6 +74,8 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
     caller already holds for this run (taken here when None, and released on return).
     ``lock_wait_s``: how long to keep trying while another run holds some of the locks (a
     requeued SLURM attempt whose previous attempt is still exiting); 0 refuses at once.
+    ``role``: run only this role of a split job, without waiting for its upstream (a SLURM
+    role task, started by its aftercorr dependency once the upstream task succeeded).
 
     Raises:
         JobError: the job cannot run (a shard is locked by another run; a rank found the job
@@ -98,7 +100,8 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
                 echo(f"{shard.name}: removed the commit lock of a run killed while committing")
         config = BatchConfig.from_dict(job["config"])
         if config.split:
-            _run_roles(out, run_id, config, threads=threads, shard_indices=shard_indices, lock_fds=locks.fds)
+            _run_roles(out, run_id, config, threads=threads, shard_indices=shard_indices, lock_fds=locks.fds,
+                       only=role)  # fmt: skip
         else:
             _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
                        pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip
@@ -133,10 +136,10 @@ def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
 
 
 def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int,
-               shard_indices: list[int] | None, lock_fds: list[int]) -> None:  # fmt: skip
+               shard_indices: list[int] | None, lock_fds: list[int], only: str | None = None) -> None:  # fmt: skip
     """A split job: each role's ranks under their own torchrun, all roles at once (pipelined:
     the denoiser starts a shard as soon as the encoder's stage file of it is done), or the one
-    ``--role``. Device slots: denoiser ranks first (0..d-1), then encoder, then decoder, modulo
+    ``--role`` (or ``only``: without waiting). Device slots: denoiser ranks first (0..d-1), then encoder, then decoder, modulo
     the visible devices; ranks are not pinned to cores (roles share them). When a role's ranks
     exit, its ended marker tells the next role to stop waiting for shards it did not finish.
 
@@ -151,7 +154,10 @@ def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int
     rank_base = {r: sum(counts[q] for q in ROLES[: ROLES.index(r)]) for r in ROLES}
     slots = ("denoiser", "encoder", "decoder")
     device_base = {r: sum(counts[q] for q in slots[: slots.index(r)]) for r in slots}
-    roles = [config.role] if config.role else list(ROLES)
+    roles = [only or config.role] if (only or config.role) else list(ROLES)
+    if len(roles) == 1:  # one role alone (a SLURM role task: its own node): devices from slot 0
+        device_base = dict.fromkeys(ROLES, 0)
+    wait = len(roles) > 1
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     procs = {}
     for role in roles:
@@ -159,7 +165,7 @@ def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int
             sys.executable, "-m", "jobs.local.torchrun", str(os.getpid()), "--standalone",
             f"--nproc-per-node={counts[role]}", "-m", "jobs.local.worker", str(out.root), run_id, out.scope,
             format_shards(shard_indices), "--no-pin", "--role", role, "--rank-base", str(rank_base[role]),
-            "--device-base", str(device_base[role]), *(["--wait-upstream"] if config.role is None else []),
+            "--device-base", str(device_base[role]), *(["--wait-upstream"] if wait else []),
         ]  # fmt: skip
         procs[role] = subprocess.Popen(cmd, env=env, pass_fds=lock_fds)
     codes: dict[str, int] = {}

@@ -52,6 +52,8 @@ def job_status(out_dir: str) -> dict[str, Any]:
         "tasks": None,
         "restarts": _restarts(out),
         "last_errors": last_errors(out, markers=markers),
+        "roles": _role_progress(out, job) if job["config"].get("roles") == "split" or job["config"].get("role")
+        else None,
     }
     submissions = read_submissions(out)
     if submissions:
@@ -63,7 +65,28 @@ def job_status(out_dir: str) -> dict[str, Any]:
             "pending": pending,
             "running": running,
         }
+        if status["roles"] is not None and states is not None:
+            for role, info in status["roles"].items():
+                mine = {t["job_id"]: states[t["job_id"]] for sub in submissions for t in sub["tasks"]
+                        if t.get("role") == role and t["job_id"] in states}  # fmt: skip
+                info["pending"], info["running"] = count_states(mine)
     return status
+
+
+def _role_progress(out: OutputDir, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A split job's shards past each role, from the files on disk: the encoder's are those with
+    an encoder or denoiser stage file or done; the denoiser's, with a denoiser stage file or done;
+    the decoder's, the done ones."""
+    from jobs.output.stages import StageFiles
+    from jobs.plan import plan_shards
+
+    stages = StageFiles(out)
+    shards = plan_shards(job["manifest"]["num_rows"], job["config"]["shard_size"])
+    done = {s.index for s in shards if out.is_done(s)}
+    denoised = done | {s.index for s in shards if stages.is_done("denoiser", s)}
+    encoded = denoised | {s.index for s in shards if stages.is_done("encoder", s)}
+    return {role: {"shards_done": len(found)} for role, found in
+            (("encoder", encoded), ("denoiser", denoised), ("decoder", done))}  # fmt: skip
 
 
 def format_status(status: dict[str, Any]) -> list[str]:
@@ -75,6 +98,13 @@ def format_status(status: dict[str, Any]) -> list[str]:
         f"samples: {status['samples_ok']} ok, {status['samples_error']} error in done shards; "
         f"{status['in_flight_ok']} ok, {status['in_flight_error']} error flushed in unfinished shards",
     ]
+    if status.get("roles"):
+        total = status["shards_total"]
+        parts = []
+        for role, info in status["roles"].items():
+            queue = f" ({info['pending']} pending, {info['running']} running)" if info.get("pending") is not None else ""
+            parts.append(f"{role} {info['shards_done']}/{total}{queue}")
+        lines.append("roles: " + ", ".join(parts) + " shards")
     tasks = status["tasks"]
     if tasks is None:
         lines.append("tasks: none submitted to SLURM")

@@ -46,6 +46,9 @@ class SlurmOptions:
     """Shell lines run in the batch script before the task (module loads, conda activate)."""
     extra: tuple[tuple[str, str], ...] = ()
     """Further sbatch options as (name, value); value "" gives a bare flag."""
+    role_extra: tuple[tuple[str, str, str], ...] = ()
+    """sbatch options of one role's arrays in a split job, as (role, name, value)
+    (``--role-slurm-extra decoder:partition=small``); they override ``extra``."""
     shards_per_task: int = 1
     """Consecutive unfinished shards per array task, >= 1."""
     requeue: bool = True
@@ -117,6 +120,31 @@ def parse_extra(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
                            "option name as KEY, e.g. --slurm-extra constraint=a100")  # fmt: skip
         pairs.append((key, value))
     return tuple(pairs)
+
+
+def parse_role_extra(items: Sequence[str]) -> tuple[tuple[str, str, str], ...]:
+    """``--role-slurm-extra`` values: "ROLE:KEY=VALUE" -> ((role, key, value), ...).
+
+    Raises:
+        JobError: ROLE is not encoder, denoiser or decoder, or KEY=VALUE is invalid (parse_extra).
+    """
+    found = []
+    for item in items:
+        role, sep, rest = item.partition(":")
+        if not sep or role not in ("encoder", "denoiser", "decoder"):
+            raise JobError(f"--role-slurm-extra {item!r} is invalid: ROLE:KEY=VALUE with ROLE one of "
+                           "encoder, denoiser, decoder, e.g. decoder:partition=small")  # fmt: skip
+        found += [(role, k, v) for k, v in parse_extra([rest])]
+    return tuple(found)
+
+
+def role_options(options: SlurmOptions, role: str) -> SlurmOptions:
+    """``options`` for one role's arrays: its --role-slurm-extra entries appended to extra
+    (later entries win); a ``partition`` / ``mem`` / ... entry replaces the job-wide option."""
+    from dataclasses import replace
+
+    own = tuple((k, v) for r, k, v in options.role_extra if r == role)
+    return replace(options, extra=options.extra + own)
 
 
 def sbatch_parameters(options: SlurmOptions, *, gpus: int, job_name: str) -> dict[str, Any]:

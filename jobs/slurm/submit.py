@@ -7,6 +7,7 @@ optionally wait (jobs.slurm.wait).
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -83,9 +84,13 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
     if not held:
         shutil.rmtree(out.runs, ignore_errors=True)
     for task in tasks:
-        shutil.rmtree(OutputDir(out.root, task_scope(task)).run_dir, ignore_errors=True)
+        for role in ((None, "encoder", "denoiser", "decoder") if config.split else (None,)):
+            shutil.rmtree(OutputDir(out.root, task_scope(task, role)).run_dir, ignore_errors=True)
     if tasks:
-        record = submit_tasks(out, tasks, options=options, gpus=config.gpus)
+        if config.split:
+            record = submit_role_tasks(out, tasks, options=options, config=config)
+        else:
+            record = submit_tasks(out, tasks, options=options, gpus=config.gpus)
         echo(describe_submission(record, out))
         launch_wall = record["submitted_at"]  # the summary's times count from submission
     elif not held:
@@ -127,6 +132,81 @@ def submit_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmOption
     return record
 
 
+def first_roles(out: OutputDir, tasks: list[list[int]], roles: tuple[str, ...]) -> list[str]:
+    """Per task, the first of ``roles`` that some shard of it still needs, from the stage files
+    on disk (never from old job ids): the encoder unless every shard has its encoder or denoiser
+    stage, then the denoiser unless every shard has its denoiser stage, else the decoder."""
+    from jobs.output.stages import StageFiles
+    from jobs.plan import shard_at
+
+    job = json.loads(out.job_json.read_text())
+    num_rows, shard_size = job["manifest"]["num_rows"], job["config"]["shard_size"]
+    stages = StageFiles(out)
+    found = []
+    for task in tasks:
+        shards = [shard_at(num_rows, shard_size, i) for i in task]
+        needs = {
+            "encoder": any(not (stages.is_done("encoder", s) or stages.is_done("denoiser", s)) for s in shards),
+            "denoiser": any(not stages.is_done("denoiser", s) for s in shards),
+            "decoder": True,
+        }  # fmt: skip
+        found.append(next(r for r in roles if needs[r] or r == roles[-1]))
+    return found
+
+
+def submit_role_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmOptions,
+                      config: BatchConfig) -> dict[str, Any]:  # fmt: skip
+    """A split job's tasks as one array per role and chunk of tasks, chained: the denoiser array
+    with ``--dependency=aftercorr:<encoder array>`` (task i starts when encoder task i completed)
+    and the decoder array with ``aftercorr:<denoiser array>``, ``--kill-on-invalid-dep=yes`` so
+    that a failed upstream task cancels its partner instead of leaving it pending. A task starts
+    at the first role its shards still need (first_roles); ``--role R`` submits that role only.
+    Each role's arrays ask for that role's ranks (--role-gpus) and its --role-slurm-extra.
+
+    Returns:
+        The submission record (OUT/slurm/submissions.json), tasks with their role.
+    Raises:
+        JobError: sbatch refused an array (its message is included).
+    """
+    import submitit
+
+    from pipeline.roles import ROLES
+    from jobs.slurm.params import role_options
+
+    roles = (config.role,) if config.role else ROLES
+    counts = dict(config.role_gpus)
+    starts = first_roles(out, tasks, roles)
+    record: dict[str, Any] = {"submitted_at": time.time(), "array_job_ids": [], "tasks": [], "arrays": []}
+    for first in roles:
+        group = [t for t, r in zip(tasks, starts) if r == first]
+        for chunk in split_arrays(len(group), max_array_size()):
+            upstream = None
+            for role in roles[roles.index(first):]:
+                executor = submitit.SlurmExecutor(folder=out.root / "slurm" / "%j",
+                                                  max_num_timeout=MAX_TIMEOUT_REQUEUES)  # fmt: skip
+                params = sbatch_parameters(role_options(options, role), gpus=counts[role],
+                                           job_name=f"gen-{out.root.name}-{role}")  # fmt: skip
+                if upstream is not None:
+                    params["additional_parameters"].update(dependency=f"aftercorr:{upstream}",
+                                                           kill_on_invalid_dep="yes")  # fmt: skip
+                executor.update_parameters(**params)
+                calls = [ShardTask(str(out.root.resolve()), tuple(group[i]), counts[role], role=role) for i in chunk]
+                try:
+                    with executor.batch():
+                        jobs = [executor.submit(call) for call in calls]
+                except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+                    save_submission(out, record)
+                    raise JobError(f"sbatch refused the {role} array: {_sbatch_message(exc)}") from None
+                array = jobs[0].job_id.split("_")[0]
+                record["array_job_ids"].append(array)
+                record["arrays"].append({"role": role, "job_id": array, "dependency": upstream and f"aftercorr:{upstream}"})
+                record["tasks"] += [{"job_id": job.job_id, "scope": call.scope, "shards": list(call.shard_indices),
+                                     "role": role} for job, call in zip(jobs, calls)]  # fmt: skip
+                save_submission(out, record)
+                upstream = array
+    return record
+
+
 def _sbatch_message(exc: BaseException) -> str:
     text = str(exc)
     m = re.search(r"sbatch: error: (.*)", text)
@@ -136,6 +216,10 @@ def _sbatch_message(exc: BaseException) -> str:
 def describe_submission(record: dict[str, Any], out: OutputDir) -> str:
     """How to follow a submission, for the CLI."""
     ids = ",".join(record["array_job_ids"])
+    if record.get("arrays"):  # a split job: say which array is which role
+        roles = ", ".join(f"{a['role']} {a['job_id']}" + (f" ({a['dependency']})" if a["dependency"] else "")
+                          for a in record["arrays"])  # fmt: skip
+        ids = f"{ids} [{roles}]"
     return (f"submitted {len(record['tasks'])} task(s) as SLURM array job(s) {ids}; follow with "
             f"`gen status {shlex.quote(str(out.root))}` or `squeue -j {ids}`; "
             f"logs: {out.root / 'slurm'}/")  # fmt: skip

@@ -17,9 +17,10 @@ from typing import Any
 from jobs.output.store import OutputDir, write_json
 
 
-def task_scope(shard_indices: Sequence[int]) -> str:
-    """A task's name, for its per-run files: ``task-NNNNN`` after its first shard."""
-    return f"task-{shard_indices[0]:05d}"
+def task_scope(shard_indices: Sequence[int], role: str | None = None) -> str:
+    """A task's name, for its per-run files: ``task-NNNNN`` after its first shard
+    (``ROLE-task-NNNNN`` for one role of a split job)."""
+    return f"{role + '-' if role else ''}task-{shard_indices[0]:05d}"
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,13 @@ class ShardTask:
     out_dir: str
     shard_indices: tuple[int, ...]
     gpus: int
+    role: str | None = None
+    """One role of a split job (its array depends on the previous role's: aftercorr), or None."""
 
     @property
     def scope(self) -> str:
-        """The task's per-run file scope, ``task-NNNNN`` after its first shard."""
-        return task_scope(self.shard_indices)
+        """The task's per-run file scope, ``[ROLE-]task-NNNNN`` after its first shard."""
+        return task_scope(self.shard_indices, self.role)
 
     def __call__(self) -> dict[str, Any]:
         """Run the task's shards; returns its attempt record (also in OUT/.gen/runs/SCOPE/task.json).
@@ -58,7 +61,8 @@ class ShardTask:
         attempt = self._record_attempt(out, threads)
         # A requeued attempt may start while the previous one is still exiting: wait for its locks.
         run_shards(out, new_run_id(), gpus=self.gpus, threads=threads,
-                   shard_indices=list(self.shard_indices), pin_cpus=bound, lock_wait_s=120.0)  # fmt: skip
+                   shard_indices=list(self.shard_indices), pin_cpus=bound, lock_wait_s=120.0,
+                   role=self.role)  # fmt: skip
         attempt["finished_at"] = time.time()
         self._save(out, attempt)
         return attempt
