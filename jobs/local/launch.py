@@ -147,6 +147,7 @@ def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int
         JobError / RunFailed: as _run_ranks, for the first role that failed.
     """
     from jobs.local.stages import mark_role_ended
+    from jobs.output.stages import StageFiles
     from jobs.local.worker import format_shards
     from pipeline.roles import ROLES
 
@@ -160,7 +161,15 @@ def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int
     wait = len(roles) > 1
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     procs = {}
+    stages = StageFiles(out)
+    job = json.loads(out.job_json.read_text())
+    pending = [s for s in select_shards(job["manifest"]["num_rows"], config.shard_size, shard_indices)
+               if not out.is_done(s)]  # fmt: skip
     for role in roles:
+        later = ROLES[ROLES.index(role):-1]
+        if role != "decoder" and not any(not any(stages.is_done(r, s) for r in later) for s in pending):
+            mark_role_ended(out, role, 0)  # every shard is past this role (a resumed run)
+            continue
         cmd = [
             sys.executable, "-m", "jobs.local.torchrun", str(os.getpid()), "--standalone",
             f"--nproc-per-node={counts[role]}", "-m", "jobs.local.worker", str(out.root), run_id, out.scope,
@@ -175,7 +184,7 @@ def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int
                 codes[role] = proc.returncode
                 mark_role_ended(out, role, proc.returncode)
         time.sleep(0.05)
-    failed = [r for r in roles if codes[r] != 0]
+    failed = [r for r in procs if codes[r] != 0]
     if failed:
         report = _first_failure(out)
         if report is not None and report.get("job_error"):

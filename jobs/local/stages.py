@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from jobs.manifest import read_rows
+from jobs.output.failpoints import failpoint
 from jobs.output.stages import (StageFiles, denoised_rows, encoded_from_rows, encoded_rows,
                                 result_from_row)  # fmt: skip
 from jobs.output.store import OutputDir, write_json
@@ -134,6 +135,7 @@ class StageRole:
                 rows = [row for b in batches for row in self._denoise(b, upstream)]
             if self.group.rank == 0:
                 self.stages.write(self.role, shard, rows, {"role": self.role})
+                failpoint(f"{self.role}-stage-written")
             done.append(shard)
         return done
 

@@ -6,7 +6,8 @@ shard file and its done marker, ...) instead of racing a timer. Unset, a failpoi
 dictionary lookup. Points: ``loaded`` (model loaded, nothing generated), ``part`` (after a
 part is flushed), ``commit-samples`` (shard samples file written, no done marker yet),
 ``commit-done`` (done marker written, parts not yet removed), ``rank-finished`` (a rank marked
-its share of a shard finished, before the commit). ``GEN_FAILPOINT_RANK=R`` limits it to the
+its share of a shard finished, before the commit), ``encoder-stage-written`` /
+``denoiser-stage-written`` (a split job's stage file and done marker of a shard written). ``GEN_FAILPOINT_RANK=R`` limits it to the
 process whose torchrun ``RANK`` is R.
 """
 
