@@ -96,7 +96,8 @@ def test_roles_run_one_at_a_time(manifest: Path, mono_sd: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux", "tiny-wan22", "tiny-ltx2"])
 def test_split_equals_monolithic_per_family(model: str, manifest: Path, tmp_path: Path) -> None:
-    extra = ["--model", model, "--num-frames", "5"] if model in ("tiny-wan22", "tiny-ltx2") else ["--model", model]
+    frames = {"tiny-wan22": ["--num-frames", "5"], "tiny-ltx2": ["--num-frames", "9"]}
+    extra = ["--model", model, *frames.get(model, [])]
     _gen(manifest, tmp_path / "mono", *extra)
     _gen(manifest, tmp_path / "split", *extra, "--roles", "split")
     assert_same(tmp_path / "split", tmp_path / "mono")

@@ -242,3 +242,29 @@ def test_failed_tasks_end_wait_with_a_clear_message_and_resume(m12: Path, tmp_pa
     proc = gen_ok(*cmd)
     assert "0 done, 0 held by queued tasks, 3 to submit as 3 task(s)" in proc.stdout
     assert "done: 12 ok, 0 error (3/3 shards)" in proc.stdout
+
+
+def test_split_roles_as_three_chained_arrays_match_the_local_run(m12: Path, tmp_path: Path) -> None:
+    """--roles split on SLURM: encoder, denoiser, decoder arrays chained task by task with
+    aftercorr (visible in scontrol while pending); same output as a local monolithic run."""
+    opts = ["--steps", "2", "--batch-size", "3", "--shard-size", "6", "--gpus", "1"]
+    out = tmp_path / "split"
+    proc = gen_ok("batch", str(m12), "--out", str(out), *opts, "--slurm", "--roles", "split",
+                  "--role-slurm-extra", "decoder:comment=decoder-array")  # fmt: skip
+    (submission,) = json.loads((out / "slurm" / "submissions.json").read_text())
+    arrays = {a["role"]: a for a in submission["arrays"]}
+    assert list(arrays) == ["encoder", "denoiser", "decoder"]
+    assert arrays["denoiser"]["dependency"] == f"aftercorr:{arrays['encoder']['job_id']}"
+    assert f"decoder {arrays['decoder']['job_id']} (aftercorr:{arrays['denoiser']['job_id']})" in proc.stdout
+    shown = subprocess.run(["scontrol", "show", "job", arrays["decoder"]["job_id"]], capture_output=True,
+                           text=True).stdout  # fmt: skip
+    assert "Comment=decoder-array" in shown
+    assert f"aftercorr:{arrays['denoiser']['job_id']}" in shown or "JobState=COMPLETED" in shown, shown
+    wait_for(lambda: status(out)["shards_done"] == 2, 300, "both shards done")
+    gen_ok("batch", str(m12), "--out", str(tmp_path / "local"), *opts)
+    assert_same_output(out, tmp_path / "local")
+    shown = run_gen("status", str(out)).stdout
+    assert all(f"{role} 2/2 (0 pending, 0 running)" in shown for role in ("encoder", "denoiser", "decoder")), shown
+    # re-running submits nothing: decided from the files on disk
+    again = gen_ok("batch", str(m12), "--out", str(out), *opts, "--slurm", "--roles", "split")
+    assert "nothing to submit: every shard is done" in again.stdout
