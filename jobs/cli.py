@@ -25,7 +25,7 @@ def main() -> None:
 @click.argument("manifest", type=click.Path())
 @click.option("--out", type=click.Path(), help="Output directory [default: MANIFEST-gen/ beside it].")
 @click.option("--model", help="Built-in tiny-sd / small-sd, a local diffusers directory, or a hub id [default: tiny-sd].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: bfloat16 on GPU / NPU (float16 where the device has no bf16), float32 on CPU.")
 @click.option("--steps", "num_inference_steps", type=int, help="num_inference_steps [default: the pipeline's own: SD 50, SDXL 50, SD3 28, Flux 28, PixArt-Sigma 20, Qwen-Image 50].")
 @click.option("--guidance-scale", type=float, help="CFG scale; <= 1 disables guidance; Flux: its distilled guidance [default: the pipeline's own: SD 7.5, SDXL 5, SD3 7, Flux 3.5, PixArt-Sigma 4.5].")
 @click.option("--true-cfg-scale", type=float, help="Real CFG over the negative prompt for pipelines that have it beside a distilled guidance (Flux, Qwen-Image); > 1 turns it on [default: the pipeline's own: Flux 1, Qwen-Image 4].")
@@ -148,6 +148,19 @@ def status(out: str, as_json: bool) -> None:
     except JobError as exc:
         raise _JobUsageError(str(exc)) from None
     click.echo(json.dumps(found) if as_json else "\n".join(format_status(found)))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def env(as_json: bool) -> None:
+    """The platform gen detects here and why: devices, backend, dtype, attention backend,
+    versions, SLURM visibility. Loads no model."""
+    import json
+
+    from jobs.env import collect_env, format_env
+
+    report = collect_env()
+    click.echo(json.dumps(report) if as_json else "\n".join(format_env(report)))
 
 
 @main.command()
