@@ -68,6 +68,7 @@ def main() -> None:
 @click.option("--array-parallelism", type=int, help="SLURM array tasks running at once [default: all].")
 @click.option("--shards-per-task", type=int, default=1, show_default=True, help="Consecutive shards per SLURM array task.")
 @click.option("--slurm-setup", multiple=True, help="Shell line run before each task (module load ...); repeatable.")
+@click.option("--accelerator", type=click.Choice(("gpu", "npu")), default="gpu", show_default=True, help="SLURM: what --gpus requests per node: gpu (--gpus-per-node) or npu (--gres=npu:N, Ascend clusters).")
 @click.option("--slurm-extra", multiple=True, help="Further sbatch option KEY=VALUE (e.g. constraint=a100); repeatable.")
 @click.option("--requeue/--no-requeue", default=True, show_default=True, help="Submit with sbatch --requeue (preempted or requeued tasks resume).")
 @click.option("--wait", is_flag=True, help="With --slurm: block until every shard is done, with a progress bar.")
@@ -203,9 +204,9 @@ def bench(batch_sizes: str, no_adaptive: bool, cfg_gate_cosine: float, **options
 
 _SLURM_OPTIONS = ("partition", "time_limit", "account", "qos", "cpus_per_task", "mem",
                   "array_parallelism", "shards_per_task", "slurm_setup", "slurm_extra", "requeue",
-                  "wait")  # fmt: skip
+                  "wait", "accelerator")  # fmt: skip
 _SLURM_DEFAULTS = {"time_limit": "60", "shards_per_task": 1, "slurm_setup": (), "slurm_extra": (),
-                   "requeue": True, "wait": False}  # fmt: skip
+                   "requeue": True, "wait": False, "accelerator": "gpu"}  # fmt: skip
 
 
 def _slurm_options(args: dict[str, object]):  # noqa: ANN202
@@ -216,7 +217,7 @@ def _slurm_options(args: dict[str, object]):  # noqa: ANN202
         qos=args["qos"], cpus_per_task=args["cpus_per_task"], mem=args["mem"],
         array_parallelism=args["array_parallelism"], setup=tuple(args["slurm_setup"]),
         extra=parse_extra(args["slurm_extra"]), shards_per_task=args["shards_per_task"],
-        requeue=args["requeue"], wait=args["wait"],
+        requeue=args["requeue"], wait=args["wait"], accelerator=args["accelerator"],
     )  # type: ignore[arg-type]  # fmt: skip
 
 

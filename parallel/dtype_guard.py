@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 NPU_FORBIDDEN = (torch.float64, torch.complex128)
 
 _aten = torch.ops.aten
-_HOST_ENTRY = {_aten.lift_fresh, _aten.lift_fresh_copy, _aten._local_scalar_dense, _aten.detach,
+_HOST_ENTRY = {_aten.lift_fresh, _aten.lift_fresh_copy, _aten._local_scalar_dense, _aten.item, _aten.detach,
                _aten.detach_, _aten.alias}
 """Host data becoming a tensor (``torch.tensor`` lifts, then detaches), or a value going back
 to the host: nothing is computed."""
@@ -86,7 +86,7 @@ def _caller() -> str:
 
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" in path or path.endswith("dtype_guard.py"):
+        if "/torch/" in path or path == __file__.replace("\\", "/"):
             continue
         short = path.split("site-packages/")[-1]
         return f"{short}:{frame.lineno} ({frame.name})"

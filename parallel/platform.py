@@ -319,7 +319,7 @@ class Platform:
                 f"local rank {local_rank} has no {self.name} device: {self.num_devices} visible"
                 + (f" ({self.policy.visibility_var}={','.join(self.visible)})" if self.visible is not None else "")
             )
-        return torch.device(self.name, local_rank)
+        return _device(self.name, local_rank)
 
     def physical_device(self, local_rank: int) -> str:
         """The id the driver knows a rank's device by: entry ``local_rank`` of the visibility
@@ -386,6 +386,11 @@ class Platform:
     def peak_memory_bytes(self, device: torch.device) -> int:
         """Peak device memory this process allocated; 0 on cpu."""
         return 0 if self.name == "cpu" else self.policy.peak_memory_bytes(device)
+
+
+def _device(kind: str, index: int) -> torch.device:
+    """``torch.device(kind, index)``; "npu" exists once torch_npu has registered it."""
+    return torch.device(kind, index)
 
 
 def detect_platform(environ: Mapping[str, str] | None = None) -> Platform:
