@@ -25,7 +25,7 @@ def main() -> None:
 @click.argument("manifest", type=click.Path())
 @click.option("--out", type=click.Path(), help="Output directory [default: MANIFEST-gen/ beside it].")
 @click.option("--model", help="Built-in tiny-sd / small-sd, a local diffusers directory, or a hub id [default: tiny-sd].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="auto: bfloat16 on GPU / NPU (float16 where the device has no bf16), float32 on CPU.")
 @click.option("--steps", "num_inference_steps", type=int, help="num_inference_steps [default: the pipeline's own: SD 50, SDXL 50, SD3 28, Flux 28, PixArt-Sigma 20, Qwen-Image 50].")
 @click.option("--guidance-scale", type=float, help="CFG scale; <= 1 disables guidance; Flux: its distilled guidance [default: the pipeline's own: SD 7.5, SDXL 5, SD3 7, Flux 3.5, PixArt-Sigma 4.5].")
 @click.option("--true-cfg-scale", type=float, help="Real CFG over the negative prompt for pipelines that have it beside a distilled guidance (Flux, Qwen-Image); > 1 turns it on [default: the pipeline's own: Flux 1, Qwen-Image 4].")
@@ -72,6 +72,7 @@ def main() -> None:
 @click.option("--array-parallelism", type=int, help="SLURM array tasks running at once [default: all].")
 @click.option("--shards-per-task", type=int, default=1, show_default=True, help="Consecutive shards per SLURM array task.")
 @click.option("--slurm-setup", multiple=True, help="Shell line run before each task (module load ...); repeatable.")
+@click.option("--accelerator", type=click.Choice(("gpu", "npu")), default="gpu", show_default=True, help="SLURM: what --gpus requests per node: gpu (--gpus-per-node) or npu (--gres=npu:N, Ascend clusters).")
 @click.option("--slurm-extra", multiple=True, help="Further sbatch option KEY=VALUE (e.g. constraint=a100); repeatable.")
 @click.option("--role-slurm-extra", multiple=True, help="With --roles split: an sbatch option KEY=VALUE for one role's arrays, as ROLE:KEY=VALUE (e.g. decoder:partition=small, encoder:mem=64G); repeatable.")
 @click.option("--requeue/--no-requeue", default=True, show_default=True, help="Submit with sbatch --requeue (preempted or requeued tasks resume).")
@@ -157,6 +158,19 @@ def status(out: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def env(as_json: bool) -> None:
+    """The platform gen detects here and why: devices, backend, dtype, attention backend,
+    versions, SLURM visibility. Loads no model."""
+    import json
+
+    from jobs.env import collect_env, format_env
+
+    report = collect_env()
+    click.echo(json.dumps(report) if as_json else "\n".join(format_env(report)))
+
+
+@main.command()
 @click.option("--model", default="small-sd", show_default=True, help="Built-in name, local diffusers directory, or hub id.")
 @click.option("--gpus", type=int, default=2, show_default=True, help="Ranks of the CFG-parallel runs (cfg 2), compared with half as many; 1 skips them.")
 @click.option("--steps", "num_inference_steps", type=int, default=20, show_default=True, help="num_inference_steps.")
@@ -196,9 +210,9 @@ def bench(batch_sizes: str, no_adaptive: bool, cfg_gate_cosine: float, **options
 
 _SLURM_OPTIONS = ("partition", "time_limit", "account", "qos", "cpus_per_task", "mem",
                   "array_parallelism", "shards_per_task", "slurm_setup", "slurm_extra", "role_slurm_extra",
-                  "requeue", "wait")  # fmt: skip
+                  "requeue", "wait", "accelerator")  # fmt: skip
 _SLURM_DEFAULTS = {"time_limit": "60", "shards_per_task": 1, "slurm_setup": (), "slurm_extra": (), "role_slurm_extra": (),
-                   "requeue": True, "wait": False}  # fmt: skip
+                   "requeue": True, "wait": False, "accelerator": "gpu"}  # fmt: skip
 
 
 def _slurm_options(args: dict[str, object]):  # noqa: ANN202
@@ -210,7 +224,7 @@ def _slurm_options(args: dict[str, object]):  # noqa: ANN202
         array_parallelism=args["array_parallelism"], setup=tuple(args["slurm_setup"]),
         extra=parse_extra(args["slurm_extra"]), role_extra=parse_role_extra(args["role_slurm_extra"]),
         shards_per_task=args["shards_per_task"],
-        requeue=args["requeue"], wait=args["wait"],
+        requeue=args["requeue"], wait=args["wait"], accelerator=args["accelerator"],
     )  # type: ignore[arg-type]  # fmt: skip
 
 

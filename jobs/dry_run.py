@@ -196,7 +196,8 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
         arrays = [ArrayPlan(first_task=r.start, last_task=r.stop - 1, first_shard=tasks[r.start][0],
                             last_shard=tasks[r.stop - 1][-1]) for r in split_arrays(len(tasks), cap)]  # fmt: skip
         slurm_plan = {"shards_per_task": slurm.shards_per_task, "tasks": len(tasks), "max_array_size": cap,
-                      "arrays": arrays, "gpus_per_node": config.gpus, "time_minutes": slurm.time_minutes,
+                      "arrays": arrays, "gpus_per_node": config.gpus, "accelerator": slurm.accelerator,
+                      "time_minutes": slurm.time_minutes,
                       "array_parallelism": slurm.array_parallelism, "partition": slurm.partition}  # fmt: skip
     else:
         try:
@@ -260,7 +261,9 @@ def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
             lines.append(f"  array {k}: --array=0-{a.last_task - a.first_task}"
                          f"{'%' + str(s['array_parallelism']) if s['array_parallelism'] else ''}: "
                          f"tasks {a.first_task:,}-{a.last_task:,}, shards {a.first_shard:,}-{a.last_shard:,}")  # fmt: skip
-        lines.append(f"  each task: 1 node, --gpus-per-node={s['gpus_per_node']}, --time={s['time_minutes']} min"
+        request = (f"--gres=npu:{s['gpus_per_node']}" if s.get("accelerator") == "npu"
+                   else f"--gpus-per-node={s['gpus_per_node']}")  # fmt: skip
+        lines.append(f"  each task: 1 node, {request}, --time={s['time_minutes']} min"
                      f"{', --partition=' + s['partition'] if s['partition'] else ''}; {plan.layout}")  # fmt: skip
         if config.split:
             roles = [config.role] if config.role else ["encoder", "denoiser", "decoder"]

@@ -216,6 +216,8 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
                        "devices are visible")  # fmt: skip
     if on_this_node and platform.name == "cpu":
         echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
+    if platform.rules:  # GEN_PLATFORM_RULES: another platform's dtype rules, guarded
+        echo(f"platform: {platform.reason}; pipeline calls fail on ops it lacks kernels for")
     echo(f"layout: {describe_layout(config)}" + ("" if on_this_node else " per SLURM task"))
     gating = config.cfg_gate_step < 1 or config.cfg_gate_cosine is not None or any(f < 1 for _, f in config.cfg_gate_steps)
     if gating and config.guidance_scale is not None and config.guidance_scale <= 1 and not (config.true_cfg_scale or 0) > 1:

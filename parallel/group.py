@@ -7,6 +7,7 @@ closed its connection) comes out as ``CollectiveError``.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ from parallel.platform import Platform
 
 
 def init_ranks(*, rank: int, world_size: int, platform: Platform, timeout_s: float) -> None:
-    """Join the default process group (env:// rendezvous, as torchrun sets it up).
+    """Join the default process group (env:// rendezvous, as torchrun sets it up), after
+    setting the platform's per-job collective variables that the user has not set.
 
     Args:
         rank: this process's global rank, in [0, world_size).
@@ -28,6 +30,12 @@ def init_ranks(*, rank: int, world_size: int, platform: Platform, timeout_s: flo
     """
     if world_size == 1 or dist.is_initialized():
         return
+    # Per-job collective settings (npu: HCCL_IF_BASE_PORT from the rendezvous port, so two jobs
+    # on one node do not collide); the rendezvous port is the same on every rank of the job.
+    port = os.environ.get("MASTER_PORT", "")
+    for key, value in platform.collective_env(rdzv_port=int(port) if port.isdigit() else None,
+                                              environ=os.environ).items():  # fmt: skip
+        os.environ.setdefault(key, value)
     dist.init_process_group(
         backend=platform.process_group_backend,
         rank=rank,

@@ -16,16 +16,19 @@ make embeddings depend on K.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from parallel.cfg_group import CfgGroup, CollectiveError
 from parallel.executors import CfgParallelExecutor, SerialBranchExecutor
+from parallel.platform import DeviceRules
 from pipeline.denoiser import DenoiserHook
+from pipeline.device_rules import adapt_pipeline, device_call
 from pipeline.families import Conditioning, family_for
 from pipeline.samples import SampleRequest, SampleResult
 
@@ -52,6 +55,19 @@ class Encoded:
     """Per request: e.g. a truncated prompt."""
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _device_rules(stage: F) -> F:
+    """Run a stage under the runner's call-time device rules (pipeline.device_rules)."""
+    @functools.wraps(stage)
+    def run(self: StageRunner, *args: Any, **kwargs: Any) -> Any:
+        with device_call(self.rules):
+            return stage(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 class StageRunner:
     """Runs the three stages of a pipeline on micro-batches.
 
@@ -63,13 +79,19 @@ class StageRunner:
             (call_defaults, else 0).
         group: this rank's CFG group; None or size 1 runs every branch here.
         cfg_gate_cosine: adaptive CFG gating threshold G in [-1, 1], or None (pipeline.gating).
+        rules: the platform's device rules (``Platform.device_rules``): applied to ``pipe`` here,
+            and around every stage call (with the forbidden-dtype guard when they ask for it);
+            None: none.
     Raises:
         UnsupportedPipelineError: the pipeline class is not supported.
     """
 
     def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float | None,
-                 group: CfgGroup | None = None, cfg_gate_cosine: float | None = None) -> None:  # fmt: skip
+                 group: CfgGroup | None = None, cfg_gate_cosine: float | None = None,
+                 rules: DeviceRules | None = None) -> None:  # fmt: skip
         self.family = family_for(pipe)
+        self.rules = rules
+        self.device_changes = adapt_pipeline(pipe, rules)
         self.group = group or CfgGroup(None)
         executor = (
             CfgParallelExecutor(self.group, batched=cfg_batching)
@@ -128,6 +150,7 @@ class StageRunner:
             latents, results = self.denoise(requests, encoded)
         return [self.decode(result, latents[i], decode[i]) for i, result in enumerate(results)]
 
+    @_device_rules
     @torch.inference_mode()
     def encode(self, requests: Sequence[SampleRequest]) -> Encoded:
         """Encode stage of a micro-batch (the encoder role's work): each distinct (prompt,
@@ -156,6 +179,7 @@ class StageRunner:
                         for warn, r in zip(warnings, requests)]  # fmt: skip
         return Encoded(cond, list(warnings))
 
+    @_device_rules
     @torch.inference_mode()
     def denoise(
         self, requests: Sequence[SampleRequest], encoded: Encoded
@@ -219,6 +243,7 @@ class StageRunner:
             results.append(result)
         return mine_all, results
 
+    @_device_rules
     @torch.inference_mode()
     def decode(self, result: SampleResult, latents: tuple[torch.Tensor, ...], decode: bool = True) -> SampleResult:
         """Decode stage of one sample (the decoder role's work), one sample per VAE call

@@ -136,7 +136,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             pipe = load_role_pipeline(model, role, dtype=dtype, device=device)
         runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
                              guidance_rescale=config.guidance_rescale, group=group,
-                             cfg_gate_cosine=config.cfg_gate_cosine)  # fmt: skip
+                             cfg_gate_cosine=config.cfg_gate_cosine,
+                             rules=platform.device_rules(dtype))  # fmt: skip
     except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
         raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
     try:
@@ -264,8 +265,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
 def _finish(out: OutputDir, stats: RankStats, platform, device: torch.device) -> None:  # noqa: ANN001
     """Record this rank's peaks and stats, and leave the process group with the others."""
     stats.peak_rss_bytes = peak_rss_bytes()
-    if platform.name == "cuda":
-        stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    stats.peak_device_bytes = platform.peak_memory_bytes(device)
     write_json(out.rank_stats(stats.rank), stats.__dict__)
     barrier()
     close_ranks()

@@ -22,6 +22,8 @@ DEFAULT_MAX_ARRAY_SIZE = 1001
 """SLURM's default MaxArraySize: array indices are 0 .. MaxArraySize - 1."""
 SIGNAL_DELAY_S = 90
 """submitit sends its USR2 checkpoint signal this many seconds before the time limit."""
+ACCELERATORS = ("gpu", "npu")
+"""Values of --accelerator: how --gpus is requested from SLURM."""
 MAX_TIMEOUT_REQUEUES = 20
 """Requeues after a time-out before a task gives up (each requeue resumes, so it makes progress)."""
 
@@ -56,9 +58,15 @@ class SlurmOptions:
     queue (it resumes at its first unfinished sample)."""
     wait: bool = False
     """Block until every submitted shard is done, with a progress bar."""
+    accelerator: str = "gpu"
+    """What ``--gpus`` asks SLURM for per node: "gpu" (``--gpus-per-node``; SLURM sets
+    CUDA_VISIBLE_DEVICES) or "npu" (``--gres=npu:N``, the GRES name of Ascend clusters; the
+    node's prolog sets ASCEND_RT_VISIBLE_DEVICES). Another GRES name: ``--slurm-extra gres=...``."""
 
     def __post_init__(self) -> None:
         self.time_minutes  # noqa: B018  (validates --time)
+        if self.accelerator not in ACCELERATORS:
+            raise JobError(f"--accelerator {self.accelerator!r} is invalid: one of {', '.join(ACCELERATORS)}")
         for option, value in (("--cpus-per-task", self.cpus_per_task),
                               ("--array-parallelism", self.array_parallelism),
                               ("--shards-per-task", self.shards_per_task)):  # fmt: skip
@@ -151,16 +159,17 @@ def sbatch_parameters(options: SlurmOptions, *, gpus: int, job_name: str) -> dic
     """Keyword arguments of ``submitit.SlurmExecutor.update_parameters`` for one array.
 
     One task per node (``--ntasks-per-node=1``): the task starts torchrun, which starts the
-    ``gpus`` ranks. ``--gpus-per-node`` asks for the GPUs, so SLURM sets CUDA_VISIBLE_DEVICES.
+    ``gpus`` ranks. ``--gpus-per-node`` asks for the GPUs, so SLURM sets CUDA_VISIBLE_DEVICES;
+    with ``accelerator="npu"``, ``--gres=npu:<gpus>`` asks for Ascend NPUs instead.
     ``--slurm-extra`` entries override anything set here (``gpus_per_node=0`` on a cluster
-    without GPU GRES, for CPU ranks).
+    without GPU GRES, for CPU ranks; ``gres=npu:910b:8`` for a typed GRES).
     """
     params: dict[str, Any] = {
         "job_name": job_name,
         "time": options.time_minutes,
         "nodes": 1,
         "ntasks_per_node": 1,
-        "gpus_per_node": gpus,
+        **({"gres": f"npu:{gpus}"} if options.accelerator == "npu" else {"gpus_per_node": gpus}),
         "signal_delay_s": SIGNAL_DELAY_S,
         "setup": list(options.setup),
     }

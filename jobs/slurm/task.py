@@ -79,6 +79,7 @@ class ShardTask:
             "restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
             "host": socket.gethostname(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "ascend_rt_visible_devices": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
             "threads_per_rank": threads,
             "started_at": time.time(),
             "finished_at": None,

@@ -166,3 +166,29 @@ def test_how_tasks_ended_groups_tasks_by_their_slurm_state(monkeypatch: pytest.M
     assert wait._how_tasks_ended(ids, ask=10) == "tasks " + ", ".join(ids[:10]) + " and 15 more"
     assert asked == ids[:10]  # SLURM is asked about the first 10 only
     assert wait._how_tasks_ended([]) == "tasks ?"
+
+
+def test_npu_accelerator_asks_for_npu_gres(tmp_path: Path) -> None:
+    """--accelerator npu: --gpus becomes the GRES of Ascend clusters, not --gpus-per-node."""
+    lines = _sbatch_lines(SlurmOptions(accelerator="npu"), 8, 2, tmp_path)
+    assert "#SBATCH --gres=npu:8" in lines
+    assert not any("gpus-per-node" in x for x in lines)
+    # a typed GRES (or another name) through --slurm-extra still wins
+    lines = _sbatch_lines(SlurmOptions(accelerator="npu", extra=(("gres", "npu:910b:8"),)), 8, 2, tmp_path)
+    assert [x for x in lines if "gres" in x] == ["#SBATCH --gres=npu:910b:8"]
+    assert "#SBATCH --gpus-per-node=8" in _sbatch_lines(SlurmOptions(), 8, 2, tmp_path)
+    with pytest.raises(JobError, match="--accelerator 'tpu' is invalid: one of gpu, npu"):
+        SlurmOptions(accelerator="tpu")
+
+
+def test_accelerator_through_the_cli(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), manifest)
+    proc = run_gen("batch", str(manifest), "--accelerator", "npu")
+    assert proc.returncode == 2 and "--accelerator needs --slurm" in proc.stderr
+    proc = run_gen("batch", str(manifest), "--dry-run", "--slurm", "--gpus", "8", "--accelerator", "npu")
+    assert proc.returncode == 0, proc.stderr
+    assert "each task: 1 node, --gres=npu:8," in proc.stdout
