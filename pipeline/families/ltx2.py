@@ -142,7 +142,7 @@ class LTX2Family(Family):
         if not self.do_spatio_temporal_guidance:
             return
         blocks = self.stg_blocks
-        count = len(self.pipe.transformer.transformer_blocks)
+        count = self.pipe.transformer.config.num_layers  # the config: a split job's encoder holds no blocks
         if not blocks or any(not 0 <= i < count for i in blocks):
             given = ",".join(map(str, blocks)) or "(none)"
             raise ValueError(f"{STG_BLOCKS_OPTION} {given} is invalid: the transformer has {count} blocks "
