@@ -165,6 +165,7 @@ class BatchConfig:
         need(self.gpus >= 1, "--gpus", self.gpus, "must be >= 1")
         need(self.roles in ROLE_MODES, "--roles", self.roles, f"one of {', '.join(ROLE_MODES)}")
         need(self.role is None or self.role in ROLE_NAMES, "--role", self.role, f"one of {', '.join(ROLE_NAMES)}")
+        object.__setattr__(self, "role_gpus", tuple((str(r), n) for r, n in self.role_gpus))  # JSON lists
         if self.split:
             object.__setattr__(self, "role_gpus", self._resolve_role_gpus())
         elif self.role_gpus:
