@@ -57,7 +57,7 @@ def job_fault(exc: BaseException, *, out: str | os.PathLike[str],
     manifest_path = Path(manifest).resolve() if manifest else None
     resolved = path.resolve()
     if exc.errno in _NO_SPACE:
-        return JobError(f"no space left on the device of {path} ({exc.strerror}): free space there "
+        return JobError(f"no space left on device: cannot write {path}; free space on its file system "
                         f"(or use another --out), {_RESUME}")  # fmt: skip
     if resolved == manifest_path:
         if exc.errno == errno.ENOENT:

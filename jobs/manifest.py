@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.errors import JobError
+from jobs.faults import with_path
 
 _is_str: Callable[[pa.DataType], bool] = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
 _is_int: Callable[[pa.DataType], bool] = pa.types.is_integer
@@ -220,13 +221,18 @@ def read_rows(
         columns: columns to read; None = all.
     Returns:
         A table of stop - start rows, of the manifest's ``schema`` (known columns decoded).
+    Raises:
+        OSError: the file is gone or unreadable (with its path: see jobs.faults).
     """
     assert 0 <= start < stop <= manifest.num_rows, (start, stop, manifest.num_rows)
     offsets = manifest.row_group_offsets
     groups = [
         g for g in range(len(offsets) - 1) if offsets[g] < stop and offsets[g + 1] > start
     ]
-    pf = pq.ParquetFile(manifest.path)
+    try:
+        pf = pq.ParquetFile(manifest.path)
+    except OSError as exc:  # gone (or unreadable) since the job started: jobs.faults says so
+        raise with_path(exc, manifest.path) from None
     first = offsets[groups[0]]
     if offsets[groups[-1] + 1] - first <= max(2 * (stop - start), STREAM_ROWS):
         table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)

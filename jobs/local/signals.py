@@ -79,6 +79,8 @@ class StopRequest:
         --collective-timeout): then they are killed."""
         self.then = "re-run the same command to resume"
         """The end of the interrupted line: what the user does next."""
+        self.killed = False
+        """The ranks were killed: a second Ctrl-C, or still running at ``deadline``."""
         self._writes = False
         self._since: float | None = None
         self._scope: tuple[Path, Sequence[Any]] | None = None
@@ -166,6 +168,8 @@ class StopRequest:
         """``interrupted: 7/10 shards done, 12 samples flushed in 2 unfinished shards; re-run
         the same command to resume`` (``then`` at the end)."""
         what = "before the run started" if self._scope is None else stop_line(*self._scope)
+        if self.killed and self.deadline is not None and time.monotonic() >= self.deadline:
+            what += f" (ranks still running {self.grace_s:g} s after the signal, --collective-timeout, were killed)"
         return f"interrupted: {what}; {self.then}"
 
     def interrupted(self) -> Interrupted | None:
@@ -184,8 +188,8 @@ class StopRequest:
             if self._ended.wait(0.2):
                 return
         if not self._ended.wait(max(0.0, self.deadline - time.monotonic())):
-            print(f"{self.line()} (a rank did not stop within --collective-timeout "
-                  f"{self.grace_s:g} s)", file=sys.stderr, flush=True)  # fmt: skip
+            self.killed = True
+            print(self.line(), file=sys.stderr, flush=True)
             os._exit(self.exit_code)
 
 
@@ -266,6 +270,7 @@ def wait_torchrun(proc: subprocess.Popen, stop: StopRequest) -> int:
     """
 
     def kill() -> None:
+        stop.killed = True
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
 

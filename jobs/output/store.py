@@ -15,6 +15,7 @@ marker and samples already in parts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,7 +50,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only file system refuses even this)
+            tmp.unlink()
         raise with_path(exc, path) from None
 
 
@@ -71,7 +73,8 @@ def write_parquet(path: Path, table: pa.Table) -> None:
         failpoint("write-parquet", path)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only file system refuses even this)
+            tmp.unlink()
         raise with_path(exc, path) from None
 
 
