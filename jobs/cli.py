@@ -8,7 +8,7 @@ import click
 
 from jobs import __version__
 from jobs.config import DTYPES, BatchConfig, parse_cfg_gate_step, parse_role_gpus
-from jobs.errors import JobError, RunFailed
+from jobs.errors import Interrupted, JobError, RunFailed
 
 
 class _JobUsageError(click.ClickException):
@@ -116,6 +116,19 @@ def batch(manifest: str, out: str | None, overwrite: bool, retry_errors: bool, f
         raise _JobUsageError(str(exc)) from None
     except RunFailed as exc:
         raise click.ClickException(str(exc)) from None
+    except Interrupted as exc:  # Ctrl-C, SIGTERM: one line, exit 130 / 143
+        click.echo(str(exc), err=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:  # before the run's own handlers were installed
+        click.echo("interrupted: before the run started; re-run the same command", err=True)
+        raise SystemExit(130) from None
+    except OSError as exc:  # a full disk, an --out that cannot be written (jobs.faults)
+        from jobs.faults import job_fault
+
+        fault = job_fault(exc, out=out or default_out_dir(manifest), manifest=manifest)
+        if fault is None:
+            raise
+        raise _JobUsageError(str(fault)) from None
     if slurm is not None:
         click.echo(f"slurm: submit-to-first-image {_seconds(summary['time_to_first_image_s'])}, "
                    f"submit-to-done {_seconds(summary['time_to_done_s'])}")  # fmt: skip

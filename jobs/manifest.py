@@ -5,6 +5,11 @@ per-row overrides ``guidance_scale``, ``num_inference_steps``, ``height``, ``wid
 ``num_images``, ``cfg_gate_step``, and ``image``, the input image of image-conditioned models: a
 path (relative to the manifest's directory, or absolute) or struct<bytes, path> as Hugging Face
 ``datasets`` stores an Image feature. Every column passes through to the samples parquet.
+
+Known columns may be dictionary-encoded (pandas' ``category`` dtype) and text ones large_string:
+``prompt``, ``negative_prompt`` and ``id`` are read as plain strings (an integer ``id`` as
+integers), the other known columns as their dictionary's value type. Other columns keep their
+type, dictionary-encoded ones included.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.errors import JobError
+from jobs.faults import with_path
 
 _is_str: Callable[[pa.DataType], bool] = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
 _is_int: Callable[[pa.DataType], bool] = pa.types.is_integer
@@ -51,6 +57,37 @@ KNOWN_COLUMNS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "image": (_is_image, "string (a path relative to the manifest) or struct<bytes: binary, path: string>"),
 }
 
+TEXT_COLUMNS = ("prompt", "negative_prompt", "id")
+"""Known columns read as plain ``string`` (from large_string or a dictionary of strings)."""
+
+
+def _read_type(name: str, t: pa.DataType) -> pa.DataType:
+    """The type a known column is read as: its dictionary's value type, and for TEXT_COLUMNS
+    string rather than large_string; other columns keep ``t``."""
+    if name not in KNOWN_COLUMNS:
+        return t
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if name in TEXT_COLUMNS and pa.types.is_large_string(t):
+        t = pa.string()
+    return t
+
+
+def read_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema ``read_rows`` gives for a file's ``schema`` (see _read_type)."""
+    fields = [f.with_type(_read_type(f.name, f.type)) for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def _as_read(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` (a file's rows) with its known columns cast to ``schema``'s types."""
+    for i, f in enumerate(table.schema):
+        want = schema.field(f.name).type
+        if f.type != want:
+            table = table.set_column(i, f.name, table.column(i).cast(want))
+    return table
+
+
 RESERVED_COLUMNS = (
     "sample_id", "row_index", "image_index", "status", "error", "warning", "fresh_uncond",
     "reused_uncond", "invalidations", "gate_step", "denoise_s",
@@ -66,6 +103,7 @@ class Manifest:
     path: str
     num_rows: int
     schema: pa.Schema
+    """The columns as read_rows gives them (known dictionary / large_string columns decoded)."""
     row_group_offsets: tuple[int, ...]
     """First row of each row group, then num_rows."""
     fingerprint: str
@@ -100,7 +138,8 @@ def open_manifest(path: str | os.PathLike[str], *, check_ids: bool = True) -> Ma
         pf = pq.ParquetFile(p)
     except (pa.ArrowInvalid, OSError) as exc:
         raise JobError(f"manifest {p}: not a readable parquet file ({exc})") from None
-    schema = pf.schema_arrow
+    file_schema = pf.schema_arrow
+    schema = read_schema(file_schema)
     if "prompt" not in schema.names:
         raise JobError(
             f"manifest {p}: no 'prompt' column (columns: {', '.join(schema.names) or 'none'})"
@@ -108,7 +147,7 @@ def open_manifest(path: str | os.PathLike[str], *, check_ids: bool = True) -> Ma
     for name, (ok, allowed) in KNOWN_COLUMNS.items():
         if name in schema.names and not ok(schema.field(name).type):
             raise JobError(
-                f"manifest {p}: column '{name}' has type {schema.field(name).type}, "
+                f"manifest {p}: column '{name}' has type {file_schema.field(name).type}, "
                 f"expected {allowed}"
             )
     for name in RESERVED_COLUMNS:
@@ -121,7 +160,7 @@ def open_manifest(path: str | os.PathLike[str], *, check_ids: bool = True) -> Ma
     for i in range(pf.metadata.num_row_groups):
         offsets.append(offsets[-1] + pf.metadata.row_group(i).num_rows)
     if check_ids and "id" in schema.names:
-        ids = pf.read(columns=["id"]).column("id")
+        ids = _as_read(pf.read(columns=["id"]), schema).column("id")
         if ids.null_count:
             raise JobError(f"manifest {p}: column 'id' has {ids.null_count} null values")
         counts = pc.value_counts(ids)
@@ -181,17 +220,23 @@ def read_rows(
         start, stop: 0 <= start < stop <= num_rows.
         columns: columns to read; None = all.
     Returns:
-        A table of stop - start rows.
+        A table of stop - start rows, of the manifest's ``schema`` (known columns decoded).
+    Raises:
+        OSError: the file is gone or unreadable (with its path: see jobs.faults).
     """
     assert 0 <= start < stop <= manifest.num_rows, (start, stop, manifest.num_rows)
     offsets = manifest.row_group_offsets
     groups = [
         g for g in range(len(offsets) - 1) if offsets[g] < stop and offsets[g + 1] > start
     ]
-    pf = pq.ParquetFile(manifest.path)
+    try:
+        pf = pq.ParquetFile(manifest.path)
+    except OSError as exc:  # gone (or unreadable) since the job started: jobs.faults says so
+        raise with_path(exc, manifest.path) from None
     first = offsets[groups[0]]
     if offsets[groups[-1] + 1] - first <= max(2 * (stop - start), STREAM_ROWS):
-        return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+        table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+        return _as_read(table, manifest.schema)
     # Row groups much larger than the range: stream them in batches and keep the range only,
     # so that memory follows the range, not the row group (time still does).
     kept, row = [], first
@@ -203,7 +248,7 @@ def read_rows(
         if row >= stop:
             break
     table = pa.Table.from_batches(kept)
-    return table.replace_schema_metadata(pf.schema_arrow.metadata)
+    return _as_read(table.replace_schema_metadata(pf.schema_arrow.metadata), manifest.schema)
 
 
 def total_images(manifest: Manifest, start: int, stop: int, images_per_prompt: int) -> int:

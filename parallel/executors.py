@@ -15,8 +15,8 @@ Shape legend: B = samples in the micro-batch, N = branches, K = ranks of the CFG
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch

@@ -15,7 +15,9 @@ from typing import Any
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError, RunFailed
+from jobs.faults import job_fault, spare_dir
 from jobs.job import new_run_id, prepare_job, reopen_errors
+from jobs.local.signals import StopNow, StopRequest, raise_stop_now, stoppable, wait_torchrun
 from jobs.output.lock import ShardLocks
 from jobs.output.progress import ProgressMonitor
 from jobs.output.store import OutputDir
@@ -23,8 +25,10 @@ from jobs.output.summary import build_summary
 from jobs.plan import select_shards
 
 
+@stoppable
 def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrite: bool = False,
-              retry_errors: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+              retry_errors: bool = False, echo: Callable[[str], None] = print,
+              stop: StopRequest) -> dict[str, Any]:  # fmt: skip
     """Run a job on this node and return its summary (also OUT/summary.json).
 
     Args:
@@ -34,14 +38,19 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
         retry_errors: generate the samples whose status is "error" again (and only those,
             with the shards not yet done).
         echo: where one-line notices go.
+        stop: given by ``stoppable``, which handles SIGINT and SIGTERM for the whole call.
     Raises:
         JobError: bad manifest, options, an --out holding another job, or shards being written
-            by another run.
+            by another run; a full disk, an --out that cannot be written (jobs.faults).
         RunFailed: a rank failed (its error has been printed).
+        Interrupted: SIGINT or SIGTERM stopped the run before its shards were done
+            (jobs.local.signals); what it finished is kept.
     """
     launch_wall = launch_wall or time.time()
+    stop.grace_s = config.collective_timeout_s
     job = prepare_job(config, overwrite=overwrite, echo=echo)
     out = job.out
+    stop.counts(out.root, job.shards, in_process=config.gpus == 1 and not config.split)
     run_id = new_run_id()
     with ShardLocks(out.root, run_id, out.scope) as locks:
         pending, errored = job.pending, (job.with_errors if retry_errors else [])
@@ -55,14 +64,15 @@ def run_batch(config: BatchConfig, *, launch_wall: float | None = None, overwrit
         if pending:
             with ProgressMonitor(out.run_dir / "progress", job.total_images(pending)):
                 run_shards(out, run_id, gpus=config.gpus, threads=job.threads, echo=echo,
-                           locks=locks)  # fmt: skip
+                           locks=locks, stop=stop)  # fmt: skip
     return build_summary(out, launch_wall=launch_wall, num_shards=len(job.shards))
 
 
 def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
                shard_indices: list[int] | None = None, pin_cpus: bool = True,
                echo: Callable[[str], None] = print, locks: ShardLocks | None = None,
-               lock_wait_s: float = 0.0, role: str | None = None) -> None:  # fmt: skip
+               lock_wait_s: float = 0.0, role: str | None = None,
+               stop: StopRequest | None = None) -> None:  # fmt: skip
     """Run ``gpus`` ranks over the shards (None: all) on this node, under ``out.scope``.
 
     The run first takes the write lock of every unfinished shard it covers (jobs.output.lock): a shard
@@ -76,12 +86,17 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
     requeued SLURM attempt whose previous attempt is still exiting); 0 refuses at once.
     ``role``: run only this role of a split job, without waiting for its upstream (a SLURM
     role task, started by its aftercorr dependency once the upstream task succeeded).
+    ``stop``: the caller's stop request (jobs.local.signals; the caller owns the handlers): once
+    asked, the ranks stop at their next micro-batch boundary and this returns, maybe with shards
+    unfinished (the caller says so); a second Ctrl-C ends the ranks at once.
 
     Raises:
         JobError: the job cannot run (a shard is locked by another run; a rank found the job
-            invalid, e.g. a size the model cannot make).
+            invalid, e.g. a size the model cannot make; a full disk, an unwritable OUT, the
+            manifest gone: jobs.faults).
         RunFailed: a rank failed; the message is the root cause among the ranks' reports.
     """
+    stop = stop or StopRequest()
     job = json.loads(out.job_json.read_text())
     num_rows, shard_size = job["manifest"]["num_rows"], job["config"]["shard_size"]
     shards = select_shards(num_rows, shard_size, shard_indices)
@@ -98,22 +113,33 @@ def run_shards(out: OutputDir, run_id: str, *, gpus: int, threads: int,
         for shard in unfinished:
             if out.clear_stale_commit(shard):
                 echo(f"{shard.name}: removed the commit lock of a run killed while committing")
-        config = BatchConfig.from_dict(job["config"])
-        if config.split:
-            _run_roles(out, run_id, config, threads=threads, shard_indices=shard_indices, lock_fds=locks.fds,
-                       only=role)  # fmt: skip
-        else:
-            _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
-                       pin_cpus=pin_cpus, lock_fds=locks.fds)  # fmt: skip
+        stop.watch(out.run_dir / "stop")  # where ranks under torchrun look
+        if stop.requested:
+            return
+        try:
+            if job["config"].get("roles") == "split" or job["config"].get("role"):  # BatchConfig.split
+                _run_roles(out, run_id, BatchConfig.from_dict(job["config"]), threads=threads, shard_indices=shard_indices,
+                           lock_fds=locks.fds, only=role, stop=stop)  # fmt: skip
+            else:
+                _run_ranks(out, run_id, gpus=gpus, threads=threads, shard_indices=shard_indices,
+                           pin_cpus=pin_cpus, lock_fds=locks.fds, stop=stop)  # fmt: skip
+        except StopNow:  # a second Ctrl-C, the rank in this process
+            return
+        except OSError as exc:  # the rank in this process: a full disk, the manifest gone ...
+            fault = job_fault(exc, out=out.root, manifest=job["config"].get("manifest"))
+            if fault is None:
+                raise
+            raise fault from None
 
 
 def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
-               shard_indices: list[int] | None, pin_cpus: bool, lock_fds: list[int]) -> None:  # fmt: skip
+               shard_indices: list[int] | None, pin_cpus: bool, lock_fds: list[int],
+               stop: StopRequest) -> None:  # fmt: skip
     if gpus == 1:
         from jobs.local.worker import run_rank
 
         run_rank(str(out.root), run_id, rank=0, world_size=1, local_rank=0, threads=threads,
-                 scope=out.scope, shard_indices=shard_indices, pin_cpus=pin_cpus)  # fmt: skip
+                 scope=out.scope, shard_indices=shard_indices, pin_cpus=pin_cpus, stop=stop)  # fmt: skip
         return
     from jobs.local.worker import format_shards
 
@@ -123,12 +149,14 @@ def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
         f"--nproc-per-node={gpus}", "-m", "jobs.local.worker", str(out.root), run_id, out.scope,
         format_shards(shard_indices), *([] if pin_cpus else ["--no-pin"]),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, pass_fds=lock_fds)
-    if proc.returncode != 0:
-        report = _first_failure(out)
+    returncode = wait_torchrun(subprocess.Popen(cmd, env=env, pass_fds=lock_fds), stop)
+    if returncode != 0:
+        report = _first_failure(out, run_id)
         if report is not None and report.get("job_error"):
             raise JobError(report["error"])
-        cause = _describe_failure(report, proc.returncode)
+        if stop.requested:  # stopped on a signal (ranks that hung were SIGKILLed with torchrun)
+            return
+        cause = _describe_failure(report, returncode)
         raise RunFailed(
             f"{cause}. Finished shards and flushed samples are kept: re-run the same command "
             "to resume."
@@ -136,19 +164,22 @@ def _run_ranks(out: OutputDir, run_id: str, *, gpus: int, threads: int,
 
 
 def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int,
-               shard_indices: list[int] | None, lock_fds: list[int], only: str | None = None) -> None:  # fmt: skip
+               shard_indices: list[int] | None, lock_fds: list[int], only: str | None = None,
+               stop: StopRequest) -> None:  # fmt: skip
     """A split job: each role's ranks under their own torchrun, all roles at once (pipelined:
     the denoiser starts a shard as soon as the encoder's stage file of it is done), or the one
     ``--role`` (or ``only``: without waiting). Device slots: denoiser ranks first (0..d-1), then encoder, then decoder, modulo
     the visible devices; ranks are not pinned to cores (roles share them). When a role's ranks
     exit, its ended marker tells the next role to stop waiting for shards it did not finish.
+    After a stop request every role stops at its next boundary (the stop file); the torchruns
+    still running on a second Ctrl-C or past the request's deadline are killed.
 
     Raises:
         JobError / RunFailed: as _run_ranks, for the first role that failed.
     """
     from jobs.local.stages import mark_role_ended
-    from jobs.output.stages import StageFiles
     from jobs.local.worker import format_shards
+    from jobs.output.stages import StageFiles
     from pipeline.roles import ROLES
 
     counts = dict(config.role_gpus)
@@ -178,31 +209,49 @@ def _run_roles(out: OutputDir, run_id: str, config: BatchConfig, *, threads: int
         ]  # fmt: skip
         procs[role] = subprocess.Popen(cmd, env=env, pass_fds=lock_fds)
     codes: dict[str, int] = {}
-    while len(codes) < len(procs):
-        for role, proc in procs.items():
-            if role not in codes and proc.poll() is not None:
-                codes[role] = proc.returncode
-                mark_role_ended(out, role, proc.returncode)
-        time.sleep(0.05)
+
+    def kill() -> None:
+        stop.killed = True
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    stop.at_once = kill
+    try:
+        while len(codes) < len(procs):
+            for role, proc in procs.items():
+                if role not in codes and proc.poll() is not None:
+                    codes[role] = proc.returncode
+                    mark_role_ended(out, role, proc.returncode)
+            if stop.deadline is not None and time.monotonic() > stop.deadline:
+                kill()
+            time.sleep(0.05)
+    finally:
+        stop.at_once = raise_stop_now
     failed = [r for r in procs if codes[r] != 0]
     if failed:
-        report = _first_failure(out)
+        report = _first_failure(out, run_id)
         if report is not None and report.get("job_error"):
             raise JobError(report["error"])
+        if stop.requested:  # stopped on a signal
+            return
         cause = _describe_failure(report, codes[failed[0]])
         raise RunFailed(f"{failed[0]} role: {cause}. Finished shards, flushed samples and stage files are kept: "
                         "re-run the same command to resume.")  # fmt: skip
 
 
-def _first_failure(out: OutputDir) -> dict[str, Any] | None:
-    """The root cause among the ranks' error reports: the earliest error that is not a broken
-    collective (those follow another rank's failure), else the earliest one; None if none."""
+def _first_failure(out: OutputDir, run_id: str) -> dict[str, Any] | None:
+    """The root cause among the ranks' error reports (in OUT, or in spare_dir when OUT could not
+    take them): the earliest error that is not a broken collective (those follow another rank's
+    failure), else the earliest one; None if none."""
     reports = []
-    for path in (out.run_dir / "ranks").glob("rank-*.error.json"):
+    spare = spare_dir(run_id)
+    for path in [*(out.run_dir / "ranks").glob("rank-*.error.json"), *spare.glob("rank-*.error.json")]:
         try:
             reports.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
+    shutil.rmtree(spare, ignore_errors=True)
     return min(reports, key=lambda r: (r["collective"], r["time"])) if reports else None
 
 

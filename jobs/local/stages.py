@@ -34,10 +34,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from jobs.local.signals import StopRequest, stop_at_boundary
 from jobs.manifest import read_rows
 from jobs.output.failpoints import failpoint
-from jobs.output.stages import (StageFiles, denoised_rows, encoded_from_rows, encoded_rows,
-                                result_from_row)  # fmt: skip
+from jobs.output.stages import (
+    StageFiles,
+    denoised_rows,
+    encoded_from_rows,
+    encoded_rows,
+    result_from_row,  # fmt: skip
+)
 from jobs.output.store import OutputDir, write_json
 from jobs.plan import Shard, micro_batches
 from jobs.rows import PlannedSample, plan_rows
@@ -47,7 +53,7 @@ from pipeline.samples import SampleResult
 
 if TYPE_CHECKING:
     from jobs.config import BatchConfig
-    from jobs.local.worker import RankStats
+    from jobs.local.rank_stats import RankStats
     from pipeline.generate import StageRunner
 
 POLL_S = 0.2
@@ -102,16 +108,18 @@ class StageRole:
         stats: this rank's stats (first_denoise_wall is set by the denoiser).
         device: where tensors read from stage files go.
         wait_upstream: wait for the upstream role's markers (see the module docstring).
+        stop: asks the rank to stop at its next micro-batch boundary (jobs.local.signals): the
+            shard being worked on then gets no stage file (a re-run redoes it); None: never.
     """
 
     def __init__(self, role: str, *, out: OutputDir, config: BatchConfig, runner: StageRunner, manifest: Any,
                  defaults: Any, group: Any, dp_rank: int, dp_size: int, stats: RankStats,
-                 device: torch.device, wait_upstream: bool) -> None:  # fmt: skip
+                 device: torch.device, wait_upstream: bool, stop: StopRequest | None = None) -> None:  # fmt: skip
         assert role in ("encoder", "denoiser"), role
         self.role, self.out, self.config, self.runner = role, out, config, runner
         self.manifest, self.defaults, self.group = manifest, defaults, group
         self.dp_rank, self.dp_size, self.stats = dp_rank, dp_size, stats
-        self.device, self.wait_upstream = device, wait_upstream
+        self.device, self.wait_upstream, self.stop = device, wait_upstream, stop
         self.stages = StageFiles(out)
 
     def run(self, shards: Sequence[Shard]) -> list[Shard]:
@@ -128,11 +136,15 @@ class StageRole:
             planned = plan_rows(read_rows(self.manifest, shard.start, shard.stop), shard.start, self.defaults)
             batches = [[p for p in b if p.error is None] for b in micro_batches(planned, self.config.batch_size)]
             batches = [b for b in batches if b]
-            if self.role == "encoder":
-                rows = [row for b in batches for row in self._encode([p.request for p in b])]
-            else:
-                upstream = self.stages.read("encoder", shard)
-                rows = [row for b in batches for row in self._denoise(b, upstream)]
+            upstream = self.stages.read("encoder", shard) if self.role == "denoiser" else {}
+            rows = []
+            for batch in batches:
+                if stop_at_boundary(self.stop, self.group):  # every rank of the CFG group at once
+                    return done
+                if self.role == "encoder":
+                    rows += self._encode([p.request for p in batch])
+                else:
+                    rows += self._denoise(batch, upstream)
             if self.group.rank == 0:
                 self.stages.write(self.role, shard, rows, {"role": self.role})
                 failpoint(f"{self.role}-stage-written")

@@ -7,7 +7,10 @@ torchrun itself (``torch.distributed.run``), with two differences for a job runn
   no orphan writing its shards.
 - A failed rank ends it with a report instead of torchrun's traceback: none at all when the
   root cause is a job error the ranks have already explained (worker exit status 2, which this
-  module exits with too), else torchrun's failure table (rank, exit code, signal), exit 1.
+  module exits with too) or ranks that stopped early on a signal (128 + the signal, passed on),
+  else torchrun's failure table (rank, exit code, signal), exit 1.
+- It ignores SIGINT, SIGTERM and SIGUSR2 (jobs.local.signals.quiet_torchrun): the launcher and
+  the ranks stop on them, flushing first; torchrun waits for the ranks, or is SIGKILLed.
   torchrun's own log lines about it ("failed (exitcode: N) ...", "Sending process P closing
   signal SIGTERM") are dropped: the table, or the job error, says the same.
 """
@@ -45,17 +48,26 @@ def _quiet_failure_logs(record: logging.LogRecord) -> bool:
 
 def main() -> None:
     """Entry point; see the module docstring."""
+    from jobs.local.signals import INTERRUPTED_EXITS, TORCHRUN_SIGNALS, quiet_torchrun
+
+    quiet_torchrun()  # before the slow imports: a Ctrl-C now is the launcher's
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     die_with_parent(int(sys.argv[1]))
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet_failure_logs)
     try:
-        run(parse_args(sys.argv[2:]))
+        args = parse_args(sys.argv[2:])
+        if hasattr(args, "signals_to_handle"):
+            args.signals_to_handle = TORCHRUN_SIGNALS
+        run(args)
     except ChildFailedError as exc:
         _, first = exc.get_first_failure()
         if first.exitcode == JOB_ERROR_EXIT:
             sys.exit(JOB_ERROR_EXIT)
+        codes = [f.exitcode for f in exc.failures.values()]
+        if all(c in INTERRUPTED_EXITS for c in codes):
+            sys.exit(codes[0])
         print(exc.format_msg(), file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from jobs.config import BatchConfig
 from jobs.errors import JobError
+from jobs.faults import job_fault, spare_report
+from jobs.local.rank_stats import RankStats
+from jobs.local.signals import RANK_SIGNALS, StopRequest, stop_at_boundary
 from jobs.local.torchrun import JOB_ERROR_EXIT, die_with_parent
 from jobs.manifest import check_image_column, open_manifest, read_rows
 from jobs.memory import peak_rss_bytes
@@ -38,29 +41,6 @@ from parallel.platform import detect_platform, parse_dtype
 from pipeline.generate import SampleResult, StageRunner
 from pipeline.loading import ModelRef, load_pipeline
 from pipeline.roles import load_role_pipeline
-
-
-@dataclass
-class RankStats:
-    """What one rank did in this run (OUT/.gen/ranks/rank-NNNNN.json)."""
-
-    rank: int
-    """Index of this process in the run (over every role's ranks of a split job)."""
-    dp_rank: int
-    cfg_rank: int
-    device: str
-    threads: int
-    role: str = "monolithic"
-    """"monolithic" (the whole pipeline), or the "encoder", "denoiser" or "decoder" role."""
-    load_s: float = 0.0
-    samples_ok: int = 0
-    samples_error: int = 0
-    samples_skipped: int = 0
-    first_denoise_wall: float | None = None
-    first_image_wall: float | None = None
-    last_decode_wall: float | None = None
-    peak_rss_bytes: int = 0
-    peak_device_bytes: int = 0
 
 
 class ProgressFile:
@@ -82,7 +62,8 @@ class ProgressFile:
 def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_rank: int,
              threads: int, scope: str = "local", shard_indices: Sequence[int] | None = None,
              pin_cpus: bool = True, role: str = "monolithic", rank_base: int = 0,
-             device_base: int = 0, wait_upstream: bool = False) -> RankStats:  # fmt: skip
+             device_base: int = 0, wait_upstream: bool = False,
+             stop: StopRequest | None = None) -> RankStats:  # fmt: skip
     """Run one rank's share of the job in ``out_dir`` (whose job.json the launcher wrote).
 
     Args:
@@ -102,6 +83,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         device_base: this role's first device slot (role rank r uses (base + r) % devices).
         wait_upstream: a split job's previous role runs at the same time: wait for its stage
             files instead of skipping shards that lack them.
+        stop: asks this rank to stop at its next micro-batch boundary (jobs.local.signals);
+            it then leaves its unfinished shard uncommitted and sets ``stop.stopped``.
     Returns:
         This rank's stats (also written to OUT/.gen/runs/SCOPE/ranks/).
     """
@@ -197,7 +180,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
 
         StageRole(role, out=out, config=config, runner=runner, manifest=manifest, defaults=defaults,
                   group=group, dp_rank=dp_rank, dp_size=dims.dp_size, stats=stats, device=device,
-                  wait_upstream=wait_upstream).run(shards)  # fmt: skip
+                  wait_upstream=wait_upstream, stop=stop).run(shards)  # fmt: skip
         _finish(out, stats, platform, device)
         return stats
     if role == "decoder":
@@ -212,6 +195,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         def produce(todo: list[PlannedSample], writes: set[str]):  # noqa: ANN202
             return _generate(runner, todo, writes, stats)
 
+    stopped = False
     for shard in shards:
         if out.is_done(shard) or not ready(shard):
             continue
@@ -221,6 +205,9 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         mine = deal(micro_batches(planned, config.batch_size), dp_rank, dims.dp_size)
         first_wall, last_wall = None, None
         for part, batch in enumerate(mine):
+            if stop_at_boundary(stop, group):  # every rank of the CFG group at the same batch
+                stopped = True
+                break
             ids = [p.request.sample_id for p in batch]
             missing = set(ids) - finished
             ours = {sid for j, sid in enumerate(ids) if group.owner(j) == cfg_rank}
@@ -245,6 +232,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
                         steps_table([r for _, r in own if r is not None]),
                     )
             progress.add(len(ours))
+        if stopped:
+            break
         out.mark_rank_finished(shard, run_id, rank,
                                {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
         failpoint("rank-finished")
@@ -311,17 +300,33 @@ def _count(todo: list[PlannedSample], results: list[SampleResult | None], writes
                 stats.samples_error += 1
 
 
-def report_failure(out: OutputDir, rank: int, exc: BaseException, *, collective: bool) -> None:
-    """Leave this rank's error where the launcher reads it (OUT/.gen/runs/SCOPE/ranks/rank-N.error.json).
+def report_failure(out: OutputDir, rank: int, exc: BaseException, *, collective: bool,
+                   run_id: str = "") -> None:  # fmt: skip
+    """Leave this rank's error where the launcher reads it (OUT/.gen/runs/SCOPE/ranks/rank-N.error.json,
+    or jobs.faults.spare_report's directory when OUT cannot take it).
 
     ``collective``: the error is a broken group (likely a consequence of another rank's
     failure), so the launcher prefers other ranks' errors as the cause.
     """
     message = str(exc) if isinstance(exc, (JobError, CollectiveError)) else f"{type(exc).__name__}: {exc}"
-    write_json(out.rank_error(rank),
-               {"rank": rank, "error": message, "collective": collective,
-                "job_error": isinstance(exc, JobError), "time": time.time()})  # fmt: skip
-    print(f"gen: rank {rank}: error: {message}", file=sys.stderr, flush=True)
+    report = {"rank": rank, "error": message, "collective": collective,
+              "job_error": isinstance(exc, JobError), "time": time.time()}  # fmt: skip
+    try:
+        write_json(out.rank_error(rank), report)
+    except OSError:  # a full or read-only OUT
+        if not spare_report(run_id, out.rank_error(rank).name, report):
+            print(f"gen: rank {rank}: error: {message}", file=sys.stderr, flush=True)
+            return
+    if not isinstance(exc, JobError):  # a job error is the launcher's one line
+        print(f"gen: rank {rank}: error: {message}", file=sys.stderr, flush=True)
+
+
+def _manifest_of(out: OutputDir) -> str | None:
+    """The job's manifest path (job.json), or None if it cannot be read."""
+    try:
+        return json.loads(out.job_json.read_text())["config"]["manifest"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def format_shards(indices: Sequence[int] | None) -> str:
@@ -348,22 +353,30 @@ def main() -> None:
     role, rank_base = value("--role", "monolithic"), int(value("--rank-base", "0"))
     rank = int(os.environ["RANK"])
     out = OutputDir(out_dir, scope)
+    stop = StopRequest(out.run_dir / "stop")  # the launcher's; and this rank's own signals
+    stop.at_once = lambda: os._exit(128 + signal.SIGINT)  # a second Ctrl-C
     try:
-        run_rank(out_dir, run_id, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ["LOCAL_RANK"]),
-                 threads=int(os.environ.get("OMP_NUM_THREADS") or 1), scope=scope,
-                 shard_indices=parse_shards(shards), pin_cpus="--no-pin" not in flags, role=role,
-                 rank_base=rank_base, device_base=int(value("--device-base", "0")),
-                 wait_upstream="--wait-upstream" in flags)  # fmt: skip
+        with stop.handling(RANK_SIGNALS):
+            run_rank(out_dir, run_id, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
+                     local_rank=int(os.environ["LOCAL_RANK"]),
+                     threads=int(os.environ.get("OMP_NUM_THREADS") or 1), scope=scope,
+                     shard_indices=parse_shards(shards), pin_cpus="--no-pin" not in flags, role=role,
+                     rank_base=rank_base, device_base=int(value("--device-base", "0")),
+                     wait_upstream="--wait-upstream" in flags, stop=stop)  # fmt: skip
     except JobError as exc:
-        report_failure(out, rank_base + rank, exc, collective=False)
+        report_failure(out, rank_base + rank, exc, collective=False, run_id=run_id)
         sys.exit(JOB_ERROR_EXIT)
     except CollectiveError as exc:
-        report_failure(out, rank_base + rank, exc, collective=True)
+        report_failure(out, rank_base + rank, exc, collective=True, run_id=run_id)
         sys.exit(3)
     except Exception as exc:
-        report_failure(out, rank_base + rank, exc, collective=False)
+        fault = job_fault(exc, out=out_dir, manifest=_manifest_of(out))
+        report_failure(out, rank_base + rank, fault or exc, collective=False, run_id=run_id)
+        if fault is not None:  # a full disk, an unwritable OUT, the manifest gone
+            sys.exit(JOB_ERROR_EXIT)
         raise  # torchrun's recorder shows the traceback
+    if stop.stopped:  # stopped early on a signal: the launcher prints the line
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

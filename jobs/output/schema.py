@@ -81,6 +81,8 @@ STEPS_SCHEMA = pa.schema(
 
 
 def _hf_feature(t: pa.DataType) -> dict[str, str] | None:
+    if pa.types.is_dictionary(t):  # a categorical passthrough column: its values' feature
+        return _hf_feature(t.value_type)
     if pa.types.is_large_string(t):
         return {"dtype": "large_string", "_type": "Value"}
     if pa.types.is_string(t):

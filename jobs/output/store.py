@@ -15,6 +15,7 @@ marker and samples already in parts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,20 +28,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.faults import with_path
 from jobs.output.failpoints import failpoint
 from jobs.output.schema import STEPS_SCHEMA
 from jobs.plan import Shard
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC), with ``path`` as its filename; the temporary
+            file is removed and ``path`` is as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # (a read-only file system refuses even this)
+            tmp.unlink()
+        raise with_path(exc, path) from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -49,11 +61,21 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
-    """Atomic parquet write."""
+    """Atomic parquet write (failpoint ``write-parquet`` before the rename).
+
+    Raises:
+        OSError: as write_atomic.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        failpoint("write-parquet", path)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # (a read-only file system refuses even this)
+            tmp.unlink()
+        raise with_path(exc, path) from None
 
 
 class OutputDir:

@@ -170,8 +170,8 @@ def submit_role_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmO
     """
     import submitit
 
-    from pipeline.roles import ROLES
     from jobs.slurm.params import role_options
+    from pipeline.roles import ROLES
 
     roles = (config.role,) if config.role else ROLES
     counts = dict(config.role_gpus)

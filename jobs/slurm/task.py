@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.local.signals import StopNow, StopRequest
 from jobs.output.store import OutputDir, write_json
+from jobs.plan import select_shards
+
+TASK_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+"""What stops a task's ranks at their next micro-batch boundary (jobs.local.signals)."""
 
 
 def task_scope(shard_indices: Sequence[int], role: str | None = None) -> str:
@@ -31,6 +38,15 @@ class ShardTask:
     skipped, so a requeued task (``scontrol requeue``, preemption, time-out) resumes at its
     first unfinished sample; ``checkpoint`` is what submitit calls on its USR2 signal before
     requeueing.
+
+    Signals (SLURM sends them to every process of the task): on submitit's USR2 (preemption, or
+    the time limit near) and on SIGTERM (``scontrol requeue``, preemption, scancel, the time
+    limit reached, KillWait before the SIGKILL), the ranks stop at their next micro-batch
+    boundary and flush (jobs.local.signals); the task writes one ``interrupted (SIG...): ...``
+    line to its log. Then USR2, and a SIGTERM once submitit finds the time limit reached, go
+    on to submitit's checkpoint and requeue, as before; another SIGTERM ends the attempt with
+    status 143 and leaves the requeue to SLURM (a requeue or a preemption requeues it, scancel
+    does not).
     """
 
     out_dir: str
@@ -50,6 +66,7 @@ class ShardTask:
         Raises:
             RunFailed: a rank failed (the task ends FAILED; a re-run of the command resumes).
             JobError: the job cannot run on this node.
+            SystemExit: a signal stopped the task (see the class docstring).
         """
         from jobs.job import new_run_id
         from jobs.local.launch import run_shards
@@ -59,10 +76,22 @@ class ShardTask:
         cores, bound = _task_cores()
         threads = threads_per_rank(self.gpus, cores, os.environ.get("OMP_NUM_THREADS"))
         attempt = self._record_attempt(out, threads)
-        # A requeued attempt may start while the previous one is still exiting: wait for its locks.
-        run_shards(out, new_run_id(), gpus=self.gpus, threads=threads,
-                   shard_indices=list(self.shard_indices), pin_cpus=bound, lock_wait_s=120.0,
-                   role=self.role)  # fmt: skip
+        stop = StopRequest()
+        with stop.handling(TASK_SIGNALS):  # submitit's own handlers are called after the flush
+            job = json.loads(out.job_json.read_text())
+            stop.grace_s = job["config"].get("collective_timeout_s", stop.grace_s)
+            shards = select_shards(job["manifest"]["num_rows"], job["config"]["shard_size"],
+                                   list(self.shard_indices))  # fmt: skip
+            stop.counts(out.root, shards, in_process=self.gpus == 1 and self.role is None)
+            try:
+                # A requeued attempt may start while the previous one still exits: wait for its locks.
+                run_shards(out, new_run_id(), gpus=self.gpus, threads=threads,
+                           shard_indices=list(self.shard_indices), pin_cpus=bound, lock_wait_s=120.0,
+                           role=self.role, stop=stop)  # fmt: skip
+            except StopNow:
+                pass
+        if stop.interrupted() is not None:
+            self._stopped(out, stop, attempt)
         attempt["finished_at"] = time.time()
         self._save(out, attempt)
         return attempt
@@ -72,6 +101,25 @@ class ShardTask:
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self)
+
+    def _stopped(self, out: OutputDir, stop: StopRequest, attempt: dict[str, Any]) -> None:
+        """The end of an attempt stopped by a signal: one line in the log, then submitit's
+        checkpoint and requeue (USR2; SIGTERM at the time limit) or exit 128 + the signal."""
+        checkpoint = stop.previous_handler(signal.SIGUSR2)  # submitit's, in a submitit task
+        handler = getattr(checkpoint, "__self__", None)
+        requeue = callable(checkpoint) and (
+            stop.signum == signal.SIGUSR2
+            or (stop.signum == signal.SIGTERM and hasattr(handler, "has_timed_out") and handler.has_timed_out())
+        )  # fmt: skip
+        stop.then = ("requeueing the task: it resumes at its first unfinished sample" if requeue else
+                     "this attempt ends; a requeued task resumes, else re-run the same command")  # fmt: skip
+        line = stop.line().replace("interrupted:", f"interrupted ({stop.name}):", 1)
+        print(line, file=sys.stderr, flush=True)
+        attempt["interrupted"] = {"signal": stop.name, "at": time.time(), "requeue": requeue}
+        self._save(out, attempt)
+        if requeue:
+            checkpoint(stop.signum, None)  # submitit: checkpoint, scontrol requeue, exit
+        sys.exit(stop.exit_code)
 
     def _record_attempt(self, out: OutputDir, threads: int) -> dict[str, Any]:
         attempt = {

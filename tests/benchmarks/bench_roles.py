@@ -73,7 +73,7 @@ def main() -> None:
             summary = json.loads((root / name / "summary.json").read_text())
             found[name] = {"roles": summary["roles"], "generate_wall_s": summary["generate_wall_s"]}
     mib = 2**20
-    print(f"weights (MiB): " + ", ".join(f"{k} {v / mib:.1f}" for k, v in weights.items()))
+    print("weights (MiB): " + ", ".join(f"{k} {v / mib:.1f}" for k, v in weights.items()))
     mono = found["monolithic"]["roles"]["monolithic"]["peak_rss_bytes"]
     print(f"{'run':<11} {'role':<11} {'peak RSS MiB':>12} {'monolithic - this':>18}")
     for name, run in found.items():

@@ -101,3 +101,39 @@ def test_split_equals_monolithic_per_family(model: str, manifest: Path, tmp_path
     _gen(manifest, tmp_path / "mono", *extra)
     _gen(manifest, tmp_path / "split", *extra, "--roles", "split")
     assert_same(tmp_path / "split", tmp_path / "mono")
+
+
+def test_ctrl_c_of_a_split_job_stops_every_role_then_resumes(manifest: Path, mono_sd: Path, tmp_path: Path) -> None:
+    """SIGINT to the process group of a ``--roles split`` run (three torchruns): the denoiser,
+    paused after its first shard's stage file, stops at its next boundary; the decoder commits
+    shard 0 and stops waiting; one ``interrupted:`` line, exit 130, no traceback; the re-run
+    resumes (the encoder has nothing left) and equals the monolithic run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "split"
+    exe = subprocess.run(["which", "gen"], capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, **ONE_THREAD, "GEN_FAILPOINT": "denoiser-stage-written@1:sleep4"}
+    gen = subprocess.Popen([exe, "batch", str(manifest), "--out", str(out), *COMMON, "--roles", "split"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "done" / "shard-00000.json").exists():
+            assert gen.poll() is None and time.monotonic() < deadline, gen.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.killpg(gen.pid, signal.SIGINT)
+        stdout, stderr = gen.communicate(timeout=120)
+    finally:
+        gen.kill()
+    assert gen.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert "Traceback" not in stdout + stderr and "SignalException" not in stderr, stderr[-3000:]
+    lines = [line for line in (stdout + stderr).splitlines() if line.startswith("interrupted:")]
+    assert lines == ["interrupted: 1/2 shards done, 0 samples flushed in 0 unfinished shards; "
+                     "re-run the same command to resume"], stdout[-2000:] + stderr[-3000:]  # fmt: skip
+    assert not (out / "stages" / "denoiser" / "done" / "shard-00001.json").exists()
+    proc = _gen(manifest, out, "--roles", "split")
+    assert "done: 4 ok, 0 error (2/2 shards)" in proc.stdout
+    assert_same(out, mono_sd)

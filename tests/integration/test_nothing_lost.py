@@ -245,3 +245,157 @@ def test_row_errors_fail_on_error_nonfinite_truncation_unicode(tmp_path: Path) -
                     "--fail-on-error", env=ENV)  # fmt: skip
     assert again.returncode == 1 and "2 error row(s) (--fail-on-error)" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+# -- stops and faults: one line, the right exit status, and a re-run that resumes (issue 17) --------
+
+NOISE = ("Traceback", "SignalException", "death signal", "torch.distributed", "gen: rank")
+
+
+@pytest.fixture(scope="module")
+def clean_cfg2(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted --gpus 2 run (dp 1 x cfg 2: CFG-parallel bytes, which differ from the
+    batched serial run's by a rounding in a few pixels)."""
+    out = tmp_path_factory.mktemp("clean2") / "o"
+    proc = run_gen("batch", str(manifest), "--out", str(out), *ARGS, "--gpus", "2", env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _one_line(proc_output: str, prefix: str) -> str:
+    """The only line of the output that starts with ``prefix`` (tqdm's \\r-separated frames
+    count as lines)."""
+    lines = [line for line in proc_output.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, proc_output[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("signame", "gpus", "times"),
+    [("SIGINT", "2", 1), ("SIGTERM", "1", 1), ("SIGINT", "1", 2)],
+    ids=["ctrl-c-2-ranks", "sigterm-1-rank", "ctrl-c-twice-1-rank"],
+)  # ranks under torchrun take SIGINT and SIGTERM alike (the launcher's stop file): 3 cases cover both
+def test_stop_on_a_signal_then_rerun(manifest: Path, clean: Path, clean_cfg2: Path, tmp_path: Path,
+                                     signame: str, gpus: str, times: int) -> None:  # fmt: skip
+    """A signal to `gen`'s process group (what Ctrl-C does) mid-run: the ranks stop at the next
+    micro-batch boundary, or at once on a second Ctrl-C; one line, exit 128 + the signal, no
+    traceback; the re-run resumes and its output equals an uninterrupted run's byte for byte.
+    The failpoint only pauses 2 s after the first flushed part, so the signal lands mid-run."""
+    sig = getattr(signal, signame)
+    out = tmp_path / "o"
+    exe = subprocess.run(["which", "gen"], capture_output=True, text=True).stdout.strip()
+    gen = subprocess.Popen([exe, "batch", str(manifest), "--out", str(out), *ARGS, "--gpus", gpus],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env={**os.environ, **ENV, "GEN_FAILPOINT": "part@1:sleep2"})  # fmt: skip
+    try:
+        _wait_for(lambda: list((out / ".gen" / "shards").glob("*/part-*.samples.parquet")), gen,
+                  "a flushed part")  # fmt: skip
+        for _ in range(times):
+            os.killpg(gen.pid, sig)
+            time.sleep(0.1)
+        signalled = time.monotonic()
+        stdout, stderr = gen.communicate(timeout=120)
+    finally:
+        gen.kill()
+    assert gen.returncode == 128 + sig, stdout[-2000:] + stderr[-3000:]
+    if times == 2:  # at once: well before the paused rank's next boundary
+        assert time.monotonic() - signalled < 2, "a second Ctrl-C stops at once"
+    for noise in NOISE:
+        assert noise not in stderr + stdout, stderr[-3000:]
+    line = _one_line(stdout + stderr, "interrupted:")
+    assert line.endswith("; re-run the same command to resume"), line
+    assert line.startswith("interrupted: 0/3 shards done, 2 samples flushed in 1 unfinished shard"), line
+    assert "done:" not in stdout
+    assert not list((out / "done").glob("*.json"))
+    deadline = time.monotonic() + 30
+    while _processes_of(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_of(out) == [], "ranks outlived the stop"
+
+    proc = run_gen("batch", str(manifest), "--out", str(out), *ARGS, "--gpus", gpus, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "12 ok, 0 error" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["run_samples_skipped"] == 2
+    _assert_same_as_clean(out, clean_cfg2 if gpus == "2" else clean)
+
+
+def _mount_tmpfs(path: Path, *options: str) -> bool:
+    """Mount a tmpfs at ``path`` (root only; False where that is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)],
+                          capture_output=True)  # fmt: skip
+    return proc.returncode == 0
+
+
+def test_full_disk_one_line_exit_2_then_resume(manifest: Path, clean: Path, tmp_path: Path) -> None:
+    """OUT on a 200 KB tmpfs fills up mid-run (where mounting is not allowed: the failpoint that
+    raises the same OSError(ENOSPC) inside the parquet writer): one line naming the file, exit 2;
+    with space again, the same command resumes and equals the uninterrupted run."""
+    disk = tmp_path / "disk"
+    mounted = os.geteuid() == 0 and _mount_tmpfs(disk, "size=200k")
+    env = ENV if mounted else {**ENV, "GEN_FAILPOINT": "write-parquet@5:enospc"}
+    out = disk / "o"
+    try:
+        full = run_gen("batch", str(manifest), "--out", str(out), *ARGS, env=env)
+        assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
+        line = _one_line(full.stderr, "Error: no space left on device: cannot write ")
+        path = Path(line.split("cannot write ")[1].split(";")[0])
+        assert out in path.parents, line
+        assert line.endswith("then re-run the same command to resume (finished shards and flushed samples are kept)")
+        assert "Traceback" not in full.stderr
+        assert not list(out.rglob("*.tmp")), "a half-written file was left"
+        assert len(list((out / "done").glob("*.json"))) < 3
+        if mounted:  # free space
+            subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        proc = run_gen("batch", str(manifest), "--out", str(out), *ARGS, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _assert_same_as_clean(out, clean)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_unwritable_out_one_line_exit_2(manifest: Path, tmp_path: Path) -> None:
+    """An --out on a read-only file system (root: a read-only tmpfs; others: a directory without
+    write permission): one line naming it, exit 2, no traceback."""
+    ro = tmp_path / "ro"
+    if os.geteuid() == 0:
+        if not _mount_tmpfs(ro, "ro", "size=64k"):
+            pytest.skip("root here cannot mount a read-only tmpfs, and permissions do not stop root")
+    else:
+        ro.mkdir()
+        ro.chmod(0o555)
+    try:
+        proc = run_gen("batch", str(manifest), "--out", str(ro / "o"), *ARGS, env=ENV)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = _one_line(proc.stderr, f"Error: --out {ro / 'o'} is not writable (")
+    assert line.endswith("make it writable and re-run the same command, or use another --out"), line
+    assert "Traceback" not in proc.stderr
+
+
+def test_manifest_gone_mid_run_then_resume_dictionary_columns(manifest: Path, clean: Path, tmp_path: Path) -> None:
+    """A manifest whose columns are dictionary-encoded (pandas' category dtype) generates the same
+    images as the plain one; removed mid-run, the run ends with one line naming it (exit 2), and
+    once it is back the same command resumes. ``prompt`` comes out as a string, the passthrough
+    ``category`` keeps its dictionary type."""
+    table = pq.read_table(manifest)
+    encoded = tmp_path / "m.parquet"
+    pq.write_table(pa.table({name: pc.dictionary_encode(table.column(name)) for name in table.column_names}), encoded)
+    out = tmp_path / "o"
+    gen = _start(encoded, out, *ARGS, env={"GEN_FAILPOINT": "part@1:sleep2"})
+    _wait_for(lambda: list((out / ".gen" / "shards").glob("*/part-*.samples.parquet")), gen, "a flushed part")
+    encoded.rename(tmp_path / "away.parquet")
+    _, stderr = gen.communicate(timeout=120)
+    assert gen.returncode == 2, stderr[-3000:]
+    line = _one_line(stderr, f"Error: manifest {encoded}: disappeared during the run; put the same file back, ")
+    assert "Traceback" not in stderr, line
+    (tmp_path / "away.parquet").rename(encoded)
+    proc = run_gen("batch", str(encoded), "--out", str(out), *ARGS, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_as_clean(out, clean)
+    schema = pq.read_schema(out / "samples" / "shard-00000.parquet")
+    assert schema.field("prompt").type == pa.string()
+    assert pa.types.is_dictionary(schema.field("category").type)

@@ -221,9 +221,14 @@ def test_interrupted_task_is_requeued_and_loses_nothing(m12: Path, tmp_path: Pat
     assert status(out)["restarts"] == {"total": 1, "by_task": {"task-00000": 1}}
     ranks = [json.loads(p.read_text()) for p in out.glob(".gen/runs/task-00000/ranks/rank-*[0-9].json")]
     assert sum(r["samples_skipped"] for r in ranks) >= 3  # resumed at the first unfinished sample
+    logs = "".join(p.read_text() for p in out.glob("slurm/*/*_log.err"))
+    assert "Traceback" not in logs, logs[-3000:]
+    signame = "SIGUSR2" if how.startswith("scancel") else "SIGTERM"
+    stopped = [line for line in logs.splitlines() if line.startswith(f"interrupted ({signame}): 0/1 shards done, ")]
+    assert len(stopped) == 1, logs[-3000:]  # the ranks flushed and stopped at a boundary: one line
     if how.startswith("scancel"):
-        logs = "".join(p.read_text() for p in out.glob("slurm/*/*_log.err"))
         assert "Caught signal SIGUSR2" in logs and "preempted" in logs
+        assert stopped[0].endswith("; requeueing the task: it resumes at its first unfinished sample")
 
     gen_ok("batch", str(m12), "--out", str(tmp_path / "local"), *opts)
     assert_same_output(out, tmp_path / "local")

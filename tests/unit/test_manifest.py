@@ -186,6 +186,45 @@ def test_read_rows_selected_columns(tmp_path: Path) -> None:
     assert table.column("n").to_pylist() == [4, 5, 6]
 
 
+def test_dictionary_and_large_string_columns_read_as_their_values(tmp_path: Path) -> None:
+    """pandas' category dtype (dictionary-encoded) and large_string: prompt, negative_prompt and
+    id read as plain strings, other known columns as their values; passthrough keeps its type."""
+    dict_str = lambda values: pa.array(values).dictionary_encode()  # noqa: E731
+    p = _write(tmp_path / "m.parquet", {
+        "prompt": dict_str(["a cat", "a dog", "a cat"]),
+        "negative_prompt": pa.array(["blurry", None, "blurry"], pa.large_string()),
+        "id": dict_str(["x", "y", "z"]),
+        "seed": pa.array([1, 2, 1]).dictionary_encode(),
+        "category": dict_str(["animal", "animal", "animal"]),
+    }, row_group_size=2)  # fmt: skip
+    m = open_manifest(p)
+    types = {f.name: f.type for f in m.schema}
+    assert types["prompt"] == types["negative_prompt"] == types["id"] == pa.string()
+    assert types["seed"] == pa.int64()
+    assert pa.types.is_dictionary(types["category"])
+    for table in (read_rows(m, 0, 3), read_rows(m, 1, 3)):  # one row group, and two
+        assert {f.name: f.type for f in table.schema} == types
+    rows = read_rows(m, 0, 3).to_pylist()
+    assert [r["prompt"] for r in rows] == ["a cat", "a dog", "a cat"]
+    assert [r["seed"] for r in rows] == [1, 2, 1] and rows[1]["negative_prompt"] is None
+
+
+def test_dictionary_of_the_wrong_values_is_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path / "m.parquet", {"prompt": pa.array([1.5, 2.5]).dictionary_encode(),
+                                        "negative_prompt": pa.array([1, 2]).dictionary_encode()})  # fmt: skip
+    assert "column 'prompt' has type" in _error(p) and "expected string" in _error(p)
+
+
+def test_read_rows_names_a_manifest_gone_since_it_was_opened(tmp_path: Path) -> None:
+    import errno
+
+    m = open_manifest(_ten_rows(tmp_path))
+    Path(m.path).unlink()
+    with pytest.raises(OSError) as info:
+        read_rows(m, 0, 3)
+    assert (info.value.errno, info.value.filename) == (errno.ENOENT, m.path)
+
+
 # -- total_images ----------------------------------------------------------------------------
 
 

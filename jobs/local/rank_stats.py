@@ -1,0 +1,28 @@
+"""What one rank did in a run: its counts, walls and peaks (OUT/.gen/runs/SCOPE/ranks/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RankStats:
+    """What one rank did in this run (OUT/.gen/ranks/rank-NNNNN.json)."""
+
+    rank: int
+    """Index of this process in the run (over every role's ranks of a split job)."""
+    dp_rank: int
+    cfg_rank: int
+    device: str
+    threads: int
+    role: str = "monolithic"
+    """"monolithic" (the whole pipeline), or the "encoder", "denoiser" or "decoder" role."""
+    load_s: float = 0.0
+    samples_ok: int = 0
+    samples_error: int = 0
+    samples_skipped: int = 0
+    first_denoise_wall: float | None = None
+    first_image_wall: float | None = None
+    last_decode_wall: float | None = None
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int = 0
