@@ -15,6 +15,16 @@ class _JobUsageError(click.ClickException):
     exit_code = 2
 
 
+def _cfg_size(value: str | int | None) -> int | None:
+    """--cfg-parallel-size: "auto" -> None (jobs.layout resolves it), else an integer."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not auto or an integer", param_hint="--cfg-parallel-size") from None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="gen")
 def main() -> None:
@@ -52,7 +62,9 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Job seed for rows without a `seed`.")
 @click.option("--shard-size", type=int, help="Rows per shard, a multiple of --batch-size [default: ~1000].")
 @click.option("--gpus", type=int, default=1, show_default=True, help="Ranks on this node (CPU ranks when there is no GPU).")
-@click.option("--cfg-parallel-size", type=int, help="Ranks per CFG group; --gpus = dp x this [default: 2 if --gpus is even and --guidance-scale > 1, else 1].")
+@click.option("--cfg-parallel-size", default="auto", show_default=True, callback=lambda c, p, v: _cfg_size(v),
+              help="Ranks per CFG group (--gpus = dp x this), or auto: data parallel first, CFG groups of 2 only when "
+                   "the job has fewer micro-batches than ranks (the layout line says why).")
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
 @click.option("--roles", type=click.Choice(("monolithic", "split")), default="monolithic", show_default=True, help="split: encoder, denoiser and decoder run as separate ranks, each loading only its own modules, handing results on through OUT/stages/.")
 @click.option("--role", type=click.Choice(("encoder", "denoiser", "decoder")), help="Run one role of a split job alone on --gpus ranks (the previous role's stage files must be there).")

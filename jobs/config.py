@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jobs.errors import JobError
-from parallel.dims import ParallelDims, default_cfg_size
+from parallel.dims import ParallelDims
 
 DEFAULT_SHARD_ROWS = 1000
 ROLE_MODES = ("monolithic", "split")
@@ -90,8 +90,9 @@ class BatchConfig:
     gpus: int = 1
     """Ranks on this node (one per GPU; CPU ranks when there is no GPU), >= 1."""
     cfg_parallel_size: int | None = None
-    """Ranks of a CFG group (sglang's --cfg-parallel-size); gpus = dp x cfg. None = 2 when gpus
-    is even and guidance is on (guidance_scale None or > 1), else 1 (resolved on construction)."""
+    """Ranks of a CFG group (sglang's --cfg-parallel-size); gpus = dp x cfg. None = auto: data
+    parallel first, CFG groups only where ranks would idle (jobs.layout resolves it against the
+    manifest before anything runs; until then ``dims`` counts it as 1)."""
     cfg_batching: bool = True
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
     collective_timeout_s: float = 300.0
@@ -170,11 +171,8 @@ class BatchConfig:
             object.__setattr__(self, "role_gpus", self._resolve_role_gpus())
         elif self.role_gpus:
             raise JobError("--role-gpus needs --roles split (or --role)")
-        if self.cfg_parallel_size is None:
-            guided = self.guidance_scale is None or self.guidance_scale > 1 or (self.true_cfg_scale or 0) > 1
-            k = default_cfg_size(self.role_ranks("denoiser") if self.split else self.gpus, guidance=guided)
-            object.__setattr__(self, "cfg_parallel_size", k)
-        need(self.cfg_parallel_size >= 1, "--cfg-parallel-size", self.cfg_parallel_size, ">= 1")
+        need(self.cfg_parallel_size is None or self.cfg_parallel_size >= 1, "--cfg-parallel-size",
+             self.cfg_parallel_size, "auto or an integer >= 1")  # fmt: skip
         try:
             _ = self.dims
         except ValueError as exc:

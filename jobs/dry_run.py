@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from jobs.config import BatchConfig
 from jobs.errors import JobError
 from jobs.job import describe_layout, job_differences
+from jobs.layout import resolve_layout
 from jobs.manifest import Manifest, open_manifest
 from jobs.output.lock import live_holders
 from jobs.output.store import OutputDir
@@ -68,6 +69,8 @@ class DryRunPlan:
     images: int
     """Images the shards to run ask for."""
     layout: str
+    dp_size: int
+    """dp groups of the resolved layout (jobs.layout)."""
     """The rank grid, e.g. "2 rank(s) = dp 1 x cfg 2; CFG groups [0, 1]"."""
     threads_per_rank: int | None
     """CPU threads per rank on this node; None for SLURM (each task computes its own)."""
@@ -153,6 +156,8 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
     """
     manifest = open_manifest(config.manifest)
     out = OutputDir(config.out)
+    config, layout_reason = resolve_layout(config, manifest.num_rows,
+                                           shards_per_task=slurm.shards_per_task if slurm else None)  # fmt: skip
     shard_size = config.shard_size or 1
     shard_count = num_shards(manifest.num_rows, shard_size)
     out_state, refused = _out_state(config, manifest, out, overwrite=overwrite)
@@ -218,7 +223,8 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
         shards_reopened=len(reopened),
         micro_batches=sum(math.ceil(rows(i) / config.batch_size) for i in fresh),
         images=images,
-        layout=describe_layout(config),
+        layout=describe_layout(config) + (f" ({layout_reason})" if layout_reason else ""),
+        dp_size=config.dims.dp_size,
         threads_per_rank=threads,
         out=str(out.root),
         out_state=out_state,
@@ -229,7 +235,7 @@ def plan_dry_run(config: BatchConfig, slurm: SlurmOptions | None = None, *,
 
 def format_plan(plan: DryRunPlan, config: BatchConfig) -> list[str]:
     """The plan as printable lines (what `gen batch --dry-run` prints)."""
-    dp = config.dims.dp_size
+    dp = plan.dp_size
     steps = config.num_inference_steps or "the model's default"
     lines = [
         "dry run: nothing is started or written",

@@ -20,6 +20,7 @@ from typing import Any
 from jobs import __version__
 from jobs.config import BatchConfig
 from jobs.errors import JobError
+from jobs.layout import resolve_layout
 from jobs.manifest import Manifest, check_image_column, open_manifest, total_images
 from jobs.output.lock import ShardLocks
 from jobs.output.store import OutputDir, write_json
@@ -42,7 +43,7 @@ def _versions() -> dict[str, str]:
 
 
 def _job_record(config: BatchConfig, manifest: Manifest, model: ModelRef, threads: int,
-                device_kind: str) -> dict[str, Any]:  # fmt: skip
+                device_kind: str, layout_reason: str | None = None) -> dict[str, Any]:  # fmt: skip
     return {
         "config": config.to_dict(),
         "model": asdict(model),
@@ -55,7 +56,7 @@ def _job_record(config: BatchConfig, manifest: Manifest, model: ModelRef, thread
         },
         "pipeline": _pipeline_record(model),
         "num_shards": num_shards(manifest.num_rows, config.shard_size or 1),
-        "layout": _layout(config),
+        "layout": {**_layout(config), "chosen": layout_reason or "--cfg-parallel-size"},
         "versions": _versions(),
     }
 
@@ -172,7 +173,7 @@ class PreparedJob:
 
 
 def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], None],
-                on_this_node: bool = True) -> PreparedJob:  # fmt: skip
+                on_this_node: bool = True, shards_per_task: int | None = None) -> PreparedJob:  # fmt: skip
     """Check the manifest, model and options, print the notices, and write OUT/job.json.
 
     Every check that needs no device comes first, so that a job-level mistake (a bad manifest,
@@ -185,11 +186,16 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
         overwrite: replace an --out directory that holds a different job.
         echo: where one-line notices go.
         on_this_node: the ranks run here (False for a SLURM submission: devices are not checked).
+        shards_per_task: a SLURM submission's shards per task (the auto layout counts the
+            micro-batches of one task; None: of the whole job).
+    Returns:
+        The prepared job; its ``config`` has the layout resolved (jobs.layout).
     Raises:
         JobError: bad manifest, options, or an --out holding another job.
     """
     manifest = open_manifest(config.manifest)
     out = OutputDir(config.out)
+    config, layout_reason = resolve_layout(config, manifest.num_rows, shards_per_task=shards_per_task)
     try:
         model = resolve_model(config.model, build=False)
     except ValueError as exc:
@@ -218,7 +224,8 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
         echo(f"no GPU: running {config.gpus} CPU rank(s) on gloo, {threads} thread(s) each")
     if platform.rules:  # GEN_PLATFORM_RULES: another platform's dtype rules, guarded
         echo(f"platform: {platform.reason}; pipeline calls fail on ops it lacks kernels for")
-    echo(f"layout: {describe_layout(config)}" + ("" if on_this_node else " per SLURM task"))
+    echo(f"layout: {describe_layout(config)}" + ("" if on_this_node else " per SLURM task")
+         + (f" ({layout_reason})" if layout_reason else ""))  # fmt: skip
     gating = config.cfg_gate_step < 1 or config.cfg_gate_cosine is not None or any(f < 1 for _, f in config.cfg_gate_steps)
     if gating and config.guidance_scale is not None and config.guidance_scale <= 1 and not (config.true_cfg_scale or 0) > 1:
         echo(f"warning: CFG gating has no effect: --guidance-scale {config.guidance_scale:g} <= 1 "
@@ -232,7 +239,7 @@ def prepare_job(config: BatchConfig, *, overwrite: bool, echo: Callable[[str], N
                                     output_kind=family.output_kind)  # fmt: skip
         if notice:
             echo(notice)
-    write_json(out.job_json, _job_record(config, manifest, model, threads, platform.name))
+    write_json(out.job_json, _job_record(config, manifest, model, threads, platform.name, layout_reason))
     shards = plan_shards(manifest.num_rows, config.shard_size or 1)
     return PreparedJob(config, out, manifest, shards, threads)
 

@@ -63,7 +63,8 @@ def submit_batch(config: BatchConfig, options: SlurmOptions, *, launch_wall: flo
         if shutil.which(tool) is None:
             raise JobError(f"--slurm: `{tool}` is not on PATH; run on a SLURM login node, or start "
                            "a one-node cluster here with `slurm/cluster.sh up`")  # fmt: skip
-    job = prepare_job(config, overwrite=overwrite, echo=echo, on_this_node=False)
+    job = prepare_job(config, overwrite=overwrite, echo=echo, on_this_node=False,
+                      shards_per_task=options.shards_per_task)  # fmt: skip
     out = job.out
     states = queue_states(out) or {}
     queued = active_shards(out, states)

@@ -28,13 +28,13 @@ STEP_COLUMNS = ["sample_id", "step_index", "timestep", "denoiser", "uncond", "br
 RUNS = {
     "g1": ["--gpus", "1"],
     "g2c1": ["--gpus", "2", "--cfg-parallel-size", "1"],
-    "g2c2": ["--gpus", "2"],  # the default for an even --gpus with guidance
+    "g2c2": ["--gpus", "2", "--cfg-parallel-size", "2"],
     "g4c2": ["--gpus", "4", "--cfg-parallel-size", "2"],
     "g1sep": ["--gpus", "1", "--no-cfg-batching"],
     "g2c2sep": ["--gpus", "2", "--cfg-parallel-size", "2", "--no-cfg-batching"],
     "g1sep_gate": ["--gpus", "1", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
-    "g2c2sep_gate": ["--gpus", "2", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
-    "g2c2_gate": ["--gpus", "2", "--cfg-gate-step", "0.5"],
+    "g2c2sep_gate": ["--gpus", "2", "--cfg-parallel-size", "2", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
+    "g2c2_gate": ["--gpus", "2", "--cfg-parallel-size", "2", "--cfg-gate-step", "0.5"],
 }
 
 

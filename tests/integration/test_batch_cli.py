@@ -18,17 +18,24 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def outs(parti64: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same job three ways: --gpus 2 / shard 8, --gpus 2 / shard 64, --gpus 1 / shard 64,
-    data parallel only (CFG-parallel runs are in tests/distributed/test_cfg_parallel_cli.py)."""
+    """The same job three ways: --gpus 2 / shard 8 (the auto layout: 16 micro-batches, dp 2),
+    --gpus 2 / shard 64, --gpus 1 / shard 64, data parallel only (CFG-parallel runs are in
+    tests/distributed/test_cfg_parallel_cli.py)."""
     base = tmp_path_factory.mktemp("e2e")
     runs = {"g2s8": ("2", "8"), "g2s64": ("2", "64"), "g1s64": ("1", "64")}
     for name, (gpus, shard) in runs.items():
-        proc = run_gen("batch", str(parti64), "--out", str(base / name), "--gpus", gpus,
-                       "--cfg-parallel-size", "1", "--shard-size", shard, "--steps", str(STEPS), "--height", "64",
+        layout = [] if name == "g2s8" else ["--cfg-parallel-size", "1"]
+        proc = run_gen("batch", str(parti64), "--out", str(base / name), "--gpus", gpus, *layout, "--shard-size", shard, "--steps", str(STEPS), "--height", "64",
                        "--width", "96", env={"OMP_NUM_THREADS": "1"})  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "64 ok, 0 error" in proc.stdout
         assert f"layout: {gpus} rank(s) = dp {gpus} x cfg 1" in proc.stdout
+        chosen = json.loads((base / name / "job.json").read_text())["layout"]["chosen"]
+        if layout:
+            assert chosen == "--cfg-parallel-size"
+        else:
+            assert "(auto: 16 micro-batches for 2 ranks: data parallel, full-batch forwards)" in proc.stdout
+            assert chosen == "auto: 16 micro-batches for 2 ranks: data parallel, full-batch forwards"
     return {name: base / name for name in runs}
 
 

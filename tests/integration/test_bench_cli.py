@@ -100,7 +100,7 @@ def test_dry_run_prints_the_local_and_slurm_plans_and_writes_nothing(tmp_path: P
     assert "100,000 rows in 4 row group(s)" in text
     assert "100,000 rows -> 100 shard(s) of 1,000 rows (shard-00000 .. shard-00099); 0 done" in text
     assert "25,000 micro-batch(es) of <= 4 prompts, 100,000 image(s)" in text
-    assert "2 rank(s) = dp 1 x cfg 2" in text
+    assert "2 rank(s) = dp 2 x cfg 1 (no CFG parallelism) (auto: 25000 micro-batches for 2 ranks: data parallel" in text
     assert "tiny-sd (built-in smoke-test model, built on first use)" in text
 
     slurm = _cli("batch", str(manifest), "--dry-run", "--slurm", "--gpus", "8", "--shard-size", "40",
@@ -112,7 +112,10 @@ def test_dry_run_prints_the_local_and_slurm_plans_and_writes_nothing(tmp_path: P
     first = arrays[0]
     assert (f"array 0: --array=0-{len(first) - 1}%5: tasks 0-{first[-1]:,}, shards 0-{2 * first[-1] + 1:,}"
             in slurm.stdout)  # fmt: skip
-    assert "--gpus-per-node=8, --time=120 min; 8 rank(s) = dp 4 x cfg 2" in slurm.stdout
+    # auto, per task: 2 shards of 40 rows = 20 micro-batches for 8 ranks
+    assert "--gpus-per-node=8, --time=120 min; 8 rank(s) = dp 8 x cfg 1" in slurm.stdout
+    few = _cli("batch", str(manifest), "--dry-run", "--slurm", "--gpus", "8", "--shard-size", "4", env=env)
+    assert "8 rank(s) = dp 4 x cfg 2; CFG groups [0, 1] [2, 3] [4, 5] [6, 7] (auto: 1 micro-batch(es)" in few.stdout
 
     # nothing written: no OUT, no model built, only the manifest in its directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.parquet"]

@@ -254,10 +254,11 @@ NOISE = ("Traceback", "SignalException", "death signal", "torch.distributed", "g
 
 @pytest.fixture(scope="module")
 def clean_cfg2(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted --gpus 2 run (dp 1 x cfg 2: CFG-parallel bytes, which differ from the
-    batched serial run's by a rounding in a few pixels)."""
+    """An uninterrupted --gpus 2 --cfg-parallel-size 2 run (CFG-parallel bytes, which differ from
+    the batched serial run's by a rounding in a few pixels)."""
     out = tmp_path_factory.mktemp("clean2") / "o"
-    proc = run_gen("batch", str(manifest), "--out", str(out), *ARGS, "--gpus", "2", env=ENV)
+    proc = run_gen("batch", str(manifest), "--out", str(out), *ARGS, "--gpus", "2", "--cfg-parallel-size", "2",
+                   env=ENV)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -284,7 +285,8 @@ def test_stop_on_a_signal_then_rerun(manifest: Path, clean: Path, clean_cfg2: Pa
     sig = getattr(signal, signame)
     out = tmp_path / "o"
     exe = subprocess.run(["which", "gen"], capture_output=True, text=True).stdout.strip()
-    gen = subprocess.Popen([exe, "batch", str(manifest), "--out", str(out), *ARGS, "--gpus", gpus],
+    layout = ["--gpus", gpus, "--cfg-parallel-size", gpus]  # 2 ranks: one CFG group, which must agree
+    gen = subprocess.Popen([exe, "batch", str(manifest), "--out", str(out), *ARGS, *layout],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                            env={**os.environ, **ENV, "GEN_FAILPOINT": "part@1:sleep2"})  # fmt: skip
     try:
@@ -312,7 +314,7 @@ def test_stop_on_a_signal_then_rerun(manifest: Path, clean: Path, clean_cfg2: Pa
         time.sleep(0.1)
     assert _processes_of(out) == [], "ranks outlived the stop"
 
-    proc = run_gen("batch", str(manifest), "--out", str(out), *ARGS, "--gpus", gpus, env=ENV)
+    proc = run_gen("batch", str(manifest), "--out", str(out), *ARGS, *layout, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "12 ok, 0 error" in proc.stdout
     assert json.loads((out / "summary.json").read_text())["run_samples_skipped"] == 2

@@ -107,7 +107,9 @@ def only_job_id(out: Path) -> str:
 
 
 def test_array_of_three_tasks_matches_the_local_run(m12: Path, tmp_path: Path) -> None:
-    opts = ["--steps", "4", "--shard-size", "4", "--gpus", "2"]
+    # --cfg-parallel-size pinned: auto counts a task's micro-batches (1 here: cfg 2) and a local
+    # run the job's (3: dp 2), and the two layouts round differently
+    opts = ["--steps", "4", "--shard-size", "4", "--gpus", "2", "--cfg-parallel-size", "2"]
     proc = gen_ok("batch", str(m12), "--out", str(tmp_path / "slurm"), *opts, "--slurm", "--wait")
     gen_ok("batch", str(m12), "--out", str(tmp_path / "local"), *opts)
     out = tmp_path / "slurm"

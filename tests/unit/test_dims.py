@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.dims import ParallelDims, default_cfg_size
+from parallel.dims import ParallelDims, auto_cfg_size
 
 
 def test_dp_resolved_from_world_size() -> None:
@@ -41,11 +41,17 @@ def test_indivisible_world_message() -> None:
 
 
 @pytest.mark.parametrize(
-    ("world_size", "guidance", "expected"),
-    [(1, True, 1), (2, True, 2), (3, True, 1), (4, True, 2), (8, True, 2), (2, False, 1), (4, False, 1)],
-)
-def test_default_cfg_size(world_size: int, guidance: bool, expected: int) -> None:
-    assert default_cfg_size(world_size, guidance=guidance) == expected
+    ("world_size", "micro_batches", "branches", "expected"),
+    [(1, 1, 2, 1), (2, 64, 2, 1), (2, 2, 2, 1), (2, 1, 2, 2), (2, 1, 1, 1), (3, 1, 2, 1),
+     (4, 3, 2, 2), (4, 2, 2, 2), (4, 1, 2, 2), (4, 1, 4, 4), (4, 2, 4, 2), (8, 1, 4, 4), (6, 2, 4, 3),
+     (8, 8, 4, 1), (4, 0, 2, 2)],
+)  # fmt: skip
+def test_auto_cfg_size(world_size: int, micro_batches: int, branches: int, expected: int) -> None:
+    """Data parallel while every dp group gets a micro-batch; else the smallest CFG group that
+    feeds every dp group (at most ``branches``, a divisor of the world)."""
+    k, reason = auto_cfg_size(world_size, micro_batches=micro_batches, branches=branches)
+    assert k == expected and reason.startswith("auto: ")
+    assert world_size % k == 0 and k <= max(branches, 1)
 
 
 def test_describe() -> None:

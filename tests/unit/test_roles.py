@@ -68,9 +68,15 @@ def test_role_gpus_and_the_denoiser_grid() -> None:
     for bad in ("gpu=1", "denoiser=0", "denoiser", "denoiser=2,denoiser=3"):
         with pytest.raises(JobError, match="--role-gpus"):
             parse_role_gpus(bad)
-    config = BatchConfig(manifest="m", out="o", gpus=8, roles="split", role_gpus=(("denoiser", 6),))
+    config = BatchConfig(manifest="m", out="o", gpus=8, roles="split", role_gpus=(("denoiser", 6),),
+                         cfg_parallel_size=2)  # fmt: skip
     assert dict(config.role_gpus) == {"encoder": 1, "denoiser": 6, "decoder": 1}
     assert config.cfg_parallel_size == 2 and config.dims.dp_size == 3
+    from jobs.layout import resolve_layout
+
+    auto = BatchConfig(manifest="m", out="o", roles="split", role_gpus=(("denoiser", 6),), batch_size=2)
+    assert resolve_layout(auto, 4)[0].dims.describe().startswith("6 rank(s) = dp 3 x cfg 2")  # 2 micro-batches
+    assert resolve_layout(auto, 12)[0].dims.dp_size == 6
     assert config.role_dims("encoder").cfg == 1 and config.role_dims("decoder").world_size == 1
     alone = BatchConfig(manifest="m", out="o", gpus=2, role="decoder")
     assert alone.role_ranks("decoder") == 2 and alone.split
