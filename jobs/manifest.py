@@ -90,7 +90,7 @@ def _as_read(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 RESERVED_COLUMNS = (
     "sample_id", "row_index", "image_index", "status", "error", "warning", "fresh_uncond",
-    "reused_uncond", "invalidations", "gate_step", "denoise_s",
+    "reused_uncond", "invalidations", "gate_step", "denoise_s", "forward_batch",
 )  # fmt: skip
 """Output columns a manifest may not carry (they would be overwritten). ``image`` is an input
 column, refused only for models whose output column it is (check_image_column)."""

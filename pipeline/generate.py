@@ -3,7 +3,9 @@
 A micro-batch shares height, width, num_inference_steps, guidance_scale and cfg_gate_step (the
 pipeline and the gate take them per call). Each image has its own torch.Generator (on the CPU, so the initial noise does not
 depend on the device). A micro-batch that raises is retried image by image, so only the images
-that fail become error rows.
+that fail become error rows; one that runs out of device memory is retried as two halves (down
+to batch 1), and the smaller forward batch is kept for the rest of the shard (each sample's
+``forward_batch`` records the forward it was denoised in: its bytes are those of that batch).
 
 Under CFG parallelism every rank of the group runs encode + denoise of the same micro-batch in
 lockstep (same generators, so the same latents; the scheduler steps on identical predictions),
@@ -30,6 +32,7 @@ from parallel.platform import DeviceRules
 from pipeline.denoiser import DenoiserHook
 from pipeline.device_rules import adapt_pipeline, device_call
 from pipeline.families import Conditioning, family_for
+from pipeline.oom import free_device_memory, is_out_of_memory
 from pipeline.samples import SampleRequest, SampleResult
 
 
@@ -82,13 +85,15 @@ class StageRunner:
         rules: the platform's device rules (``Platform.device_rules``): applied to ``pipe`` here,
             and around every stage call (with the forbidden-dtype guard when they ask for it);
             None: none.
+        fault: called with "denoise" as each denoise stage starts (jobs.output.failpoints, so
+            that a test raises a real torch.OutOfMemoryError there); None: nothing.
     Raises:
         UnsupportedPipelineError: the pipeline class is not supported.
     """
 
     def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float | None,
                  group: CfgGroup | None = None, cfg_gate_cosine: float | None = None,
-                 rules: DeviceRules | None = None) -> None:  # fmt: skip
+                 rules: DeviceRules | None = None, fault: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.family = family_for(pipe)
         self.rules = rules
         self.device_changes = adapt_pipeline(pipe, rules)
@@ -103,6 +108,9 @@ class StageRunner:
         own = self.family.call_defaults.get("guidance_rescale", 0.0)
         self.guidance_rescale = own if guidance_rescale is None else guidance_rescale
         self.cfg_gate_cosine = cfg_gate_cosine
+        self.forward_batch: int | None = None
+        """Largest forward after an out-of-memory backoff in this shard (None: the micro-batch)."""
+        self.fault = fault
 
     def run(self, requests: Sequence[SampleRequest], decode: Sequence[bool] | None = None) -> BatchOutput:
         """Generate a micro-batch; never raises for a per-sample failure.
@@ -122,18 +130,39 @@ class StageRunner:
         assert len(keys) == 1, f"micro-batch mixes generation settings: {keys}"
         decode = list(decode) if decode is not None else [True] * len(requests)
         start = time.time()
+        results = self._run_within(list(requests), decode)
+        return BatchOutput(results, start, time.time())
+
+    def new_shard(self) -> None:
+        """Forget the forward batch an out-of-memory backoff lowered (it holds for one shard)."""
+        self.forward_batch = None
+
+    def _run_within(self, requests: list[SampleRequest], decode: list[bool]) -> list[SampleResult]:
+        """Run ``requests`` in forwards of at most ``forward_batch``; a forward that runs out of
+        device memory lowers it to half its size (rounded up) and runs again, down to 1."""
+        cap = self.forward_batch
+        if cap is not None and len(requests) > cap:
+            return [r for i in range(0, len(requests), cap)
+                    for r in self._run_within(requests[i : i + cap], decode[i : i + cap])]  # fmt: skip
         try:
             results = self._run(requests, decode)
         except CollectiveError:
             raise
         except Exception as exc:  # noqa: BLE001 - becomes error rows
+            if len(requests) > 1 and is_out_of_memory(exc):  # every rank of the group alike
+                del exc
+                free_device_memory()
+                self.forward_batch = (len(requests) + 1) // 2
+                return self._run_within(requests, decode)
             if len(requests) == 1:
                 results = [SampleResult(requests[0], error=f"{type(exc).__name__}: {exc}")]
             else:  # the whole group takes this path: GroupAborted is raised on every rank
                 results = [
                     r for req, mine in zip(requests, decode) for r in self._retry_one(req, mine)
                 ]
-        return BatchOutput(results, start, time.time())
+        for r in results:
+            r.forward_batch = len(requests)
+        return results
 
     def _retry_one(self, request: SampleRequest, decode: bool) -> list[SampleResult]:
         try:
@@ -197,6 +226,8 @@ class StageRunner:
         Raises:
             Exception: whatever the pipeline raises (the caller retries one by one).
         """
+        if self.fault is not None:
+            self.fault("denoise")
         first = requests[0]
         guidance = self.family.guided(first.guidance_scale, first.true_cfg_scale)
         cond = encoded.cond

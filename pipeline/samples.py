@@ -156,3 +156,6 @@ class SampleResult:
     invalidations)."""
     denoise_s: float = 0.0
     """Wall seconds of the micro-batch's denoise stage (shared by its images)."""
+    forward_batch: int | None = None
+    """Samples denoised together with this one: the micro-batch, or a part of it after an
+    out-of-memory backoff (pipeline.oom); None where it was not denoised here."""

@@ -48,6 +48,7 @@ from jobs.output.store import OutputDir, write_json
 from jobs.plan import Shard, micro_batches
 from jobs.rows import PlannedSample, plan_rows
 from parallel.cfg_group import CollectiveError
+from pipeline.oom import free_device_memory, is_out_of_memory
 from pipeline.roles import ROLES
 from pipeline.samples import SampleResult
 
@@ -186,10 +187,18 @@ class StageRole:
         try:
             with self.group.lockstep():
                 latents, results = self.runner.denoise(requests, encoded)
+            for r in results:
+                r.forward_batch = len(requests)
             return denoised_rows(results, latents)
         except CollectiveError:
             raise
         except Exception as exc:  # noqa: BLE001 - GroupAborted on every rank of the group alike
+            if len(requests) > 1 and is_out_of_memory(exc):  # two halves (pipeline.oom)
+                del exc
+                free_device_memory()
+                half = (len(requests) + 1) // 2
+                return [*self._denoise_requests(requests[:half], upstream),
+                        *self._denoise_requests(requests[half:], upstream)]  # fmt: skip
             if len(requests) == 1:
                 return denoised_rows([SampleResult(requests[0], error=f"{type(exc).__name__}: {exc}")], None)
             return [row for r in requests for row in self._denoise_requests([r], upstream)]

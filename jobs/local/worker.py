@@ -120,7 +120,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
                              guidance_rescale=config.guidance_rescale, group=group,
                              cfg_gate_cosine=config.cfg_gate_cosine,
-                             rules=platform.device_rules(dtype))  # fmt: skip
+                             rules=platform.device_rules(dtype), fault=failpoint)  # fmt: skip
     except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
         raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
     try:
@@ -201,6 +201,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             continue
         rows = read_rows(manifest, shard.start, shard.stop)
         planned = plan_rows(rows, shard.start, defaults)
+        runner.new_shard()  # an out-of-memory backoff holds for one shard
         finished = out.finished_sample_ids(shard, run_id)
         mine = deal(micro_batches(planned, config.batch_size), dp_rank, dims.dp_size)
         first_wall, last_wall = None, None

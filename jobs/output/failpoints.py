@@ -2,7 +2,9 @@
 at the N-th time (default 1st) it reaches ``failpoint(NAME)``. Other actions: ``enospc`` raises
 the OSError(ENOSPC) a full disk gives (at ``write-parquet``: inside the parquet writer, its
 temporary file written, not yet renamed), where a test cannot mount a small tmpfs; ``sleepS``
-sleeps S seconds there, so that a test's signal surely lands mid-run (bytes do not change).
+sleeps S seconds there, so that a test's signal surely lands mid-run (bytes do not change);
+``oom`` raises a real torch.OutOfMemoryError (at ``denoise``: a micro-batch's denoise stage
+starting, so that its out-of-memory backoff runs).
 
 Crash tests use it to kill a run at an exact point (after a part is flushed, between writing a
 shard file and its done marker, ...) instead of racing a timer. Unset, a failpoint costs one
@@ -11,7 +13,8 @@ part is flushed), ``commit-samples`` (shard samples file written, no done marker
 ``commit-done`` (done marker written, parts not yet removed), ``rank-finished`` (a rank marked
 its share of a shard finished, before the commit), ``encoder-stage-written`` /
 ``denoiser-stage-written`` (a split job's stage file and done marker of a shard written),
-``write-parquet`` (any parquet file being written, before its rename). ``GEN_FAILPOINT_RANK=R``
+``write-parquet`` (any parquet file being written, before its rename), ``denoise`` (a denoise
+stage starts). ``GEN_FAILPOINT_RANK=R``
 limits it to the process whose torchrun ``RANK`` is R.
 """
 
@@ -50,6 +53,10 @@ def failpoint(name: str, path: str | os.PathLike[str] | None = None) -> None:
     if action.startswith("sleep"):
         time.sleep(float(action[len("sleep"):] or 1))
         return
+    if action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (GEN_FAILPOINT {name}). Tried to allocate 2.00 GiB")
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else str(path))
     os.kill(os.getpid(), signal.SIGKILL)

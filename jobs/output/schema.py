@@ -62,6 +62,7 @@ _TAIL = [
     ("invalidations", pa.int64()),
     ("gate_step", pa.int64()),
     ("denoise_s", pa.float64()),
+    ("forward_batch", pa.int64()),
 ]
 
 STEPS_SCHEMA = pa.schema(
@@ -235,6 +236,7 @@ def samples_table(
         cols["invalidations"].append(r.invalidations if r is not None else 0)
         cols["gate_step"].append(r.gate_step if r is not None else None)
         cols["denoise_s"].append(r.denoise_s if r is not None else 0.0)
+        cols["forward_batch"].append(r.forward_batch if r is not None else None)
     arrays = [
         pa.array(cols[f.name], type=f.type)
         if f.name in contract

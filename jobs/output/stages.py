@@ -113,7 +113,8 @@ def denoised_rows(results: list[SampleResult], latents: list[tuple[torch.Tensor,
         tensors = [] if latents is None or r.error else [tensor_cell(f"latents.{j}", t) for j, t in enumerate(latents[i])]
         meta = {"warning": r.warning, "error": r.error, "steps": [asdict(s) for s in r.steps],
                 "invalidations": r.invalidations, "gate_step": r.gate_step,
-                "branch_gates": r.branch_gates, "denoise_s": r.denoise_s}  # fmt: skip
+                "branch_gates": r.branch_gates, "denoise_s": r.denoise_s,
+                "forward_batch": r.forward_batch}  # fmt: skip
         rows.append({"sample_id": r.request.sample_id, "tensors": tensors, "meta": json.dumps(meta)})
     return rows
 
@@ -132,7 +133,8 @@ def result_from_row(request: SampleRequest, row: dict, device: torch.device) -> 
     ]  # fmt: skip
     result = SampleResult(request, error=meta["error"], warning=meta["warning"], steps=steps,
                           invalidations=meta["invalidations"], gate_step=meta["gate_step"],
-                          branch_gates=tuple(map(tuple, meta["branch_gates"])), denoise_s=meta["denoise_s"])  # fmt: skip
+                          branch_gates=tuple(map(tuple, meta["branch_gates"])), denoise_s=meta["denoise_s"],
+                          forward_batch=meta.get("forward_batch"))  # fmt: skip
     cells = sorted(row["tensors"], key=lambda c: int(c["key"].rpartition(".")[2]))
     return result, tuple(cell_tensor(c, device) for c in cells)
 

@@ -204,7 +204,7 @@ def test_steps_table_empty() -> None:
 AV_TAIL = ["seed", "status", "error", "warning", "video", "audio", "width", "height", "num_frames",
            "fps", "sample_rate", "audio_s", "num_inference_steps", "guidance_scale",
            "true_cfg_scale", "cfg_gate_step", "fresh_uncond", "reused_uncond", "branch_counts", "invalidations",
-           "gate_step", "denoise_s"]  # fmt: skip
+           "gate_step", "denoise_s", "forward_batch"]  # fmt: skip
 
 
 AV_DEFAULTS = replace(DEFAULTS, num_frames=3)
