@@ -66,6 +66,8 @@ def main() -> None:
               help="Ranks per CFG group (--gpus = dp x this), or auto: data parallel first, CFG groups of 2 only when "
                    "the job has fewer micro-batches than ranks (the layout line says why).")
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
+@click.option("--overlap-writes/--no-overlap-writes", default=True, show_default=True,
+              help="Encode images / videos and write part files on a background thread while the next micro-batch runs.")
 @click.option("--roles", type=click.Choice(("monolithic", "split")), default="monolithic", show_default=True, help="split: encoder, denoiser and decoder run as separate ranks, each loading only its own modules, handing results on through OUT/stages/.")
 @click.option("--role", type=click.Choice(("encoder", "denoiser", "decoder")), help="Run one role of a split job alone on --gpus ranks (the previous role's stage files must be there).")
 @click.option("--role-gpus", help="Ranks per role with --roles split, e.g. encoder=1,denoiser=6,decoder=1 [default: encoder=1, denoiser=--gpus, decoder=1; roles share the node's devices].")

@@ -95,6 +95,9 @@ class BatchConfig:
     manifest before anything runs; until then ``dims`` counts it as 1)."""
     cfg_batching: bool = True
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
+    overlap_writes: bool = True
+    """Encode media and write part files on a background thread while the next micro-batch runs
+    (jobs.local.writer); False writes them between micro-batches. Bytes are the same."""
     collective_timeout_s: float = 300.0
     """Seconds a collective may wait before the run fails instead of hanging, > 0."""
     roles: str = "monolithic"

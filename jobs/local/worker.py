@@ -11,6 +11,7 @@ and written by group rank j % cfg, so every row is written exactly once.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from jobs.faults import job_fault, spare_report
 from jobs.local.rank_stats import RankStats
 from jobs.local.signals import RANK_SIGNALS, StopRequest, stop_at_boundary
 from jobs.local.torchrun import JOB_ERROR_EXIT, die_with_parent
+from jobs.local.writer import PartWriter
 from jobs.manifest import check_image_column, open_manifest, read_rows
 from jobs.memory import peak_rss_bytes
 from jobs.output.failpoints import failpoint
@@ -196,50 +198,52 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
             return _generate(runner, todo, writes, stats)
 
     stopped = False
-    for shard in shards:
-        if out.is_done(shard) or not ready(shard):
-            continue
-        rows = read_rows(manifest, shard.start, shard.stop)
-        planned = plan_rows(rows, shard.start, defaults)
-        runner.new_shard()  # an out-of-memory backoff holds for one shard
-        finished = out.finished_sample_ids(shard, run_id)
-        mine = deal(micro_batches(planned, config.batch_size), dp_rank, dims.dp_size)
-        first_wall, last_wall = None, None
-        for part, batch in enumerate(mine):
-            if stop_at_boundary(stop, group):  # every rank of the CFG group at the same batch
-                stopped = True
+    writer = PartWriter(overlap=config.overlap_writes)
+    try:
+        for shard in shards:
+            if out.is_done(shard) or not ready(shard):
+                continue
+            rows = read_rows(manifest, shard.start, shard.stop)
+            planned = plan_rows(rows, shard.start, defaults)
+            runner.new_shard()  # an out-of-memory backoff holds for one shard
+            finished = out.finished_sample_ids(shard, run_id)
+            mine = deal(micro_batches(planned, config.batch_size), dp_rank, dims.dp_size)
+            first_wall, last_wall = None, None
+            for part, batch in enumerate(mine):
+                failpoint("micro-batch")
+                if stop_at_boundary(stop, group):  # every rank of the CFG group at the same batch
+                    stopped = True
+                    break
+                ids = [p.request.sample_id for p in batch]
+                missing = set(ids) - finished
+                ours = {sid for j, sid in enumerate(ids) if group.owner(j) == cfg_rank}
+                writes = ours & missing  # sample j of a micro-batch is written by cfg rank j % K
+                stats.samples_skipped += len(ours - missing)
+                if missing:
+                    # The whole micro-batch runs again, even if a crash left part of it flushed:
+                    # its composition, and so every image's bytes, stay as planned.
+                    results, span = produce(batch, writes)
+                    _count(batch, results, writes, stats)
+                    if span is not None:
+                        first_wall = first_wall or span[0]
+                        last_wall = span[1]
+                    own = [(p, r) for p, r in zip(batch, results) if p.request.sample_id in writes]
+                    if own:
+                        writer.submit(functools.partial(_write_part, out, shard, f"{run_id}-r{rank:05d}-{part:05d}",
+                                                        schema, own, rows, run_id))  # fmt: skip
+                progress.add(len(ours))
+            writer.drain()  # the shard's parts are on disk before it is marked finished
+            if stopped:
                 break
-            ids = [p.request.sample_id for p in batch]
-            missing = set(ids) - finished
-            ours = {sid for j, sid in enumerate(ids) if group.owner(j) == cfg_rank}
-            writes = ours & missing  # sample j of a micro-batch is written by cfg rank j % K
-            stats.samples_skipped += len(ours - missing)
-            if missing:
-                # The whole micro-batch runs again, even if a crash left part of it flushed:
-                # its composition, and so every image's bytes, stay as planned.
-                results, span = produce(batch, writes)
-                _count(batch, results, writes, stats)
-                if span is not None:
-                    first_wall = first_wall or span[0]
-                    last_wall = span[1]
-                own = [(p, r) for p, r in zip(batch, results) if p.request.sample_id in writes]
-                if own:
-                    check_owner(out.root, shard.name, run_id)
-                    out.write_part(
-                        shard,
-                        f"{run_id}-r{rank:05d}-{part:05d}",
-                        samples_table(schema, [p for p, _ in own], [r for _, r in own], rows,
-                                      shard.start),  # fmt: skip
-                        steps_table([r for _, r in own if r is not None]),
-                    )
-            progress.add(len(ours))
-        if stopped:
-            break
-        out.mark_rank_finished(shard, run_id, rank,
-                               {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
-        failpoint("rank-finished")
-        if out.try_commit(shard, run_id, world_size, len(planned)):
-            committed(shard)
+            out.mark_rank_finished(shard, run_id, rank,
+                                   {"start_wall": first_wall, "end_wall": last_wall})  # fmt: skip
+            failpoint("rank-finished")
+            if out.try_commit(shard, run_id, world_size, len(planned)):
+                committed(shard)
+    except BaseException:
+        writer.close(failed=True)  # finished micro-batches still reach their parts
+        raise
+    writer.close()
     progress.add(0, force=True)
     barrier()
     if rank == 0:  # a shard whose last finisher lost the commit race
@@ -288,6 +292,15 @@ def _generate(
         by_id = {r.request.sample_id: r for r in output.results}
     results = [by_id.get(p.request.sample_id) for p in todo]
     return results, span
+
+
+def _write_part(out: OutputDir, shard, name: str, schema, own: list, rows, run_id: str) -> None:  # noqa: ANN001
+    """Encode ``own`` (planned sample, result) pairs and write them as part ``name`` of ``shard``
+    (on the PartWriter's thread), if this run still owns the shard."""
+    check_owner(out.root, shard.name, run_id)
+    out.write_part(shard, name,
+                   samples_table(schema, [p for p, _ in own], [r for _, r in own], rows, shard.start),
+                   steps_table([r for _, r in own if r is not None]))  # fmt: skip
 
 
 def _count(todo: list[PlannedSample], results: list[SampleResult | None], writes: set[str],

@@ -14,7 +14,8 @@ part is flushed), ``commit-samples`` (shard samples file written, no done marker
 its share of a shard finished, before the commit), ``encoder-stage-written`` /
 ``denoiser-stage-written`` (a split job's stage file and done marker of a shard written),
 ``write-parquet`` (any parquet file being written, before its rename), ``denoise`` (a denoise
-stage starts). ``GEN_FAILPOINT_RANK=R``
+stage starts), ``micro-batch`` (a rank's micro-batch boundary, on the rank's own thread: parts
+are written on the writer's, jobs.local.writer). ``GEN_FAILPOINT_RANK=R``
 limits it to the process whose torchrun ``RANK`` is R.
 """
 

@@ -281,14 +281,15 @@ def test_stop_on_a_signal_then_rerun(manifest: Path, clean: Path, clean_cfg2: Pa
     """A signal to `gen`'s process group (what Ctrl-C does) mid-run: the ranks stop at the next
     micro-batch boundary, or at once on a second Ctrl-C; one line, exit 128 + the signal, no
     traceback; the re-run resumes and its output equals an uninterrupted run's byte for byte.
-    The failpoint only pauses 2 s after the first flushed part, so the signal lands mid-run."""
+    The failpoint only pauses the rank 2 s at its second micro-batch (the first one's part is
+    written meanwhile, on the writer thread), so the signal lands mid-run."""
     sig = getattr(signal, signame)
     out = tmp_path / "o"
     exe = subprocess.run(["which", "gen"], capture_output=True, text=True).stdout.strip()
     layout = ["--gpus", gpus, "--cfg-parallel-size", gpus]  # 2 ranks: one CFG group, which must agree
     gen = subprocess.Popen([exe, "batch", str(manifest), "--out", str(out), *ARGS, *layout],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env={**os.environ, **ENV, "GEN_FAILPOINT": "part@1:sleep2"})  # fmt: skip
+                           env={**os.environ, **ENV, "GEN_FAILPOINT": "micro-batch@2:sleep2"})  # fmt: skip
     try:
         _wait_for(lambda: list((out / ".gen" / "shards").glob("*/part-*.samples.parquet")), gen,
                   "a flushed part")  # fmt: skip
@@ -387,7 +388,7 @@ def test_manifest_gone_mid_run_then_resume_dictionary_columns(manifest: Path, cl
     encoded = tmp_path / "m.parquet"
     pq.write_table(pa.table({name: pc.dictionary_encode(table.column(name)) for name in table.column_names}), encoded)
     out = tmp_path / "o"
-    gen = _start(encoded, out, *ARGS, env={"GEN_FAILPOINT": "part@1:sleep2"})
+    gen = _start(encoded, out, *ARGS, env={"GEN_FAILPOINT": "micro-batch@2:sleep2"})
     _wait_for(lambda: list((out / ".gen" / "shards").glob("*/part-*.samples.parquet")), gen, "a flushed part")
     encoded.rename(tmp_path / "away.parquet")
     _, stderr = gen.communicate(timeout=120)
