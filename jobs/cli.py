@@ -66,6 +66,9 @@ def main() -> None:
               help="Ranks per CFG group (--gpus = dp x this), or auto: data parallel first, CFG groups of 2 only when "
                    "the job has fewer micro-batches than ranks (the layout line says why).")
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
+@click.option("--compile/--no-compile", "compile", default=False, show_default=True,
+              help="torch.compile the denoiser (its repeated blocks where the model has them; dynamic shapes). "
+                   "Compile time is reported apart (summary.json compile_s); images round differently from eager.")
 @click.option("--overlap-writes/--no-overlap-writes", default=True, show_default=True,
               help="Encode images / videos and write part files on a background thread while the next micro-batch runs.")
 @click.option("--roles", type=click.Choice(("monolithic", "split")), default="monolithic", show_default=True, help="split: encoder, denoiser and decoder run as separate ranks, each loading only its own modules, handing results on through OUT/stages/.")

@@ -95,6 +95,9 @@ class BatchConfig:
     manifest before anything runs; until then ``dims`` counts it as 1)."""
     cfg_batching: bool = True
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
+    compile: bool = False
+    """torch.compile the denoisers (pipeline.compile: their repeated blocks where the model
+    declares them, dynamic shapes); compiled kernels round differently, so it is a generation option."""
     overlap_writes: bool = True
     """Encode media and write part files on a background thread while the next micro-batch runs
     (jobs.local.writer); False writes them between micro-batches. Bytes are the same."""
@@ -243,7 +246,7 @@ class BatchConfig:
         keep = (
             "model", "dtype", "num_inference_steps", "num_frames", "guidance_scale", "guidance_rescale",
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
-            "cfg_batching", "cfg_gate_step", "cfg_gate_steps", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
+            "cfg_batching", "compile", "cfg_gate_step", "cfg_gate_steps", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
             "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
             *LTX2_OPTIONS,
         )  # fmt: skip

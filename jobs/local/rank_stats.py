@@ -18,6 +18,9 @@ class RankStats:
     role: str = "monolithic"
     """"monolithic" (the whole pipeline), or the "encoder", "denoiser" or "decoder" role."""
     load_s: float = 0.0
+    compile_s: float = 0.0
+    """Seconds spent in torch.compile (``--compile``; during the first forwards, inside the
+    generation time), to report apart."""
     samples_ok: int = 0
     samples_error: int = 0
     samples_skipped: int = 0

@@ -129,6 +129,10 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         runner.family.configure(**config.family_options())
     except ValueError as exc:
         raise JobError(f"--model {model.name}: {exc}") from None
+    if config.compile and role in ("monolithic", "denoiser"):
+        from pipeline.compile import compile_denoisers
+
+        compile_denoisers(pipe, runner.family.convention.denoisers)
     stats.load_s = time.perf_counter() - start
     failpoint("loaded")
 
@@ -258,6 +262,10 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
 
 def _finish(out: OutputDir, stats: RankStats, platform, device: torch.device) -> None:  # noqa: ANN001
     """Record this rank's peaks and stats, and leave the process group with the others."""
+    if "torch._dynamo" in sys.modules:  # something was compiled (--compile)
+        from pipeline.compile import compile_seconds
+
+        stats.compile_s = compile_seconds()
     stats.peak_rss_bytes = peak_rss_bytes()
     stats.peak_device_bytes = platform.peak_memory_bytes(device)
     write_json(out.rank_stats(stats.rank), stats.__dict__)

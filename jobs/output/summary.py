@@ -17,7 +17,8 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
     Returns:
         The summary: samples_ok / samples_error over all committed shards; generate_wall_s (first
         denoising step to last decode of this run, over all ranks), startup_s (launch to first
-        denoising step), images_per_s (ok images of this run / generate_wall_s);
+        denoising step), images_per_s (ok images of this run / generate_wall_s); compile_s
+        (``--compile``: the largest rank's torch.compile seconds, part of generate_wall_s);
         time_to_first_image_s (launch, or SLURM submission, to the first decoded image of this
         run), time_to_done_s (launch to the last shard committed in this run; None if none);
         fresh_uncond, reused_uncond, invalidations: totals over all samples' steps;
@@ -41,6 +42,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "shards_done": len(markers),
         "shards_total": num_shards,
         "generate_wall_s": round(generate_wall_s, 4),
+        "compile_s": round(max((r.get("compile_s") or 0.0 for r in ranks), default=0.0), 4),
         "startup_s": round(min(starts) - launch_wall, 4) if starts else 0.0,
         "images_per_s": round(run_ok / generate_wall_s, 4) if generate_wall_s > 0 else 0.0,
         "time_to_first_image_s": _since(launch_wall, [r.get("first_image_wall") for r in ranks], min),
@@ -50,7 +52,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "run_samples_error": sum(r["samples_error"] for r in ranks),
         "run_samples_skipped": sum(r["samples_skipped"] for r in ranks),
         "ranks": [
-            {k: r.get(k, "monolithic") for k in ("rank", "role", "dp_rank", "cfg_rank", "device", "threads", "load_s",
+            {k: r.get(k, "monolithic") for k in ("rank", "role", "dp_rank", "cfg_rank", "device", "threads", "load_s", "compile_s",
                                                  "samples_ok", "samples_error", "peak_rss_bytes", "peak_device_bytes")}
             for r in ranks
         ],  # fmt: skip
