@@ -120,12 +120,7 @@ def submit_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmOption
     record: dict[str, Any] = {"submitted_at": time.time(), "array_job_ids": [], "tasks": []}
     for chunk in split_arrays(len(tasks), max_array_size()):
         calls = [ShardTask(str(out.root.resolve()), tuple(tasks[i]), gpus) for i in chunk]
-        try:
-            with executor.batch():
-                jobs = [executor.submit(call) for call in calls]
-        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
-            save_submission(out, record)
-            raise JobError(f"sbatch refused the array: {_sbatch_message(exc)}") from None
+        jobs = _submit_array(executor, calls, out, record, "array")
         record["array_job_ids"].append(jobs[0].job_id.split("_")[0])
         record["tasks"] += [{"job_id": job.job_id, "scope": call.scope, "shards": list(call.shard_indices)}
                             for job, call in zip(jobs, calls)]  # fmt: skip
@@ -192,12 +187,7 @@ def submit_role_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmO
                                                            kill_on_invalid_dep="yes")  # fmt: skip
                 executor.update_parameters(**params)
                 calls = [ShardTask(str(out.root.resolve()), tuple(group[i]), counts[role], role=role) for i in chunk]
-                try:
-                    with executor.batch():
-                        jobs = [executor.submit(call) for call in calls]
-                except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
-                    save_submission(out, record)
-                    raise JobError(f"sbatch refused the {role} array: {_sbatch_message(exc)}") from None
+                jobs = _submit_array(executor, calls, out, record, f"{role} array")
                 array = jobs[0].job_id.split("_")[0]
                 record["array_job_ids"].append(array)
                 record["arrays"].append({"role": role, "job_id": array, "dependency": upstream and f"aftercorr:{upstream}"})
@@ -206,6 +196,22 @@ def submit_role_tasks(out: OutputDir, tasks: list[list[int]], *, options: SlurmO
                 save_submission(out, record)
                 upstream = array
     return record
+
+
+def _submit_array(executor: Any, calls: list, out: OutputDir, record: dict[str, Any], what: str) -> list:
+    """Submit ``calls`` as one SLURM array with ``executor``; its submitit jobs, in order.
+
+    Raises:
+        JobError: sbatch refused it (``record``, what was submitted so far, is saved first).
+    """
+    import submitit
+
+    try:
+        with executor.batch():
+            return [executor.submit(call) for call in calls]
+    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+        save_submission(out, record)
+        raise JobError(f"sbatch refused the {what}: {_sbatch_message(exc)}") from None
 
 
 def _sbatch_message(exc: BaseException) -> str:
