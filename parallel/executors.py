@@ -133,6 +133,11 @@ class CfgParallelExecutor:
     A branch forward that raises on one rank raises ``GroupAborted`` on every rank at the same
     step (see ``CfgGroup.agree``), so the group stays in lockstep.
 
+    A step takes two collectives (the status and shapes, then the predictions) the first time
+    its branch sizes occur; after that, on host (gloo) groups, one: the status rides with the
+    predictions in the layout learnt (``CfgGroup.agree_and_gather``). On a device the status
+    exchange stays a CPU one, which needs no device sync.
+
     Args:
         group: this rank's CFG group (size K >= 1).
         batched: concatenate a rank's own branches into one forward, and split a lone branch
@@ -145,6 +150,8 @@ class CfgParallelExecutor:
         self.last_layout: list[tuple[str, int]] = []
         """(branch name, CFG-group rank) of each forward input of the last step; a branch cut
         by samples appears once per rank that ran a chunk of it."""
+        self._specs: dict[tuple[int, ...], tuple[torch.dtype, list[tuple[int, ...]]]] = {}
+        """(dtype, per-output sample shapes) of the predictions, by the step's branch sizes."""
 
     def run(self, branches: Sequence[Branch], forward: Forward) -> list[Prediction]:
         """Run this rank's share of the branches and gather everyone's predictions.
@@ -171,7 +178,7 @@ class CfgParallelExecutor:
         return self._run_dealt(branches, forward)
 
     def _run_dealt(self, branches: Sequence[Branch], forward: Forward) -> list[Prediction]:
-        n, k, me = len(branches), self.group.size, self.group.rank
+        me = self.group.rank
         self.last_layout = [(b.name, self.group.owner(i)) for i, b in enumerate(branches)]
         mine = [b for i, b in enumerate(branches) if self.group.owner(i) == me]
         error, local = None, []
@@ -189,10 +196,23 @@ class CfgParallelExecutor:
                 raise RuntimeError(f"cannot gather predictions of shapes {[tuple(o.shape) for o in outs]}")
         except Exception as exc:  # noqa: BLE001 - announced to the group
             error = f"{type(exc).__name__}: {exc}"
+        mine_spec = (outs[0].dtype, [tuple(o.shape[1:]) for o in outs]) if local and error is None else None
+        key = tuple(b.size for b in branches)
+        expected = self._specs.get(key)
+        if expected is not None and self.group.carries_status:
+            # One collective: the status rides with the predictions, in the layout of the
+            # last step with these branch sizes; a rank whose predictions differ from it
+            # makes every rank fall back to the two-exchange path below.
+            usable = mine_spec is None or mine_spec == expected
+            send = self._send(expected, branches, local if usable and error is None else [])
+            gathered = self.group.agree_and_gather(error, send, usable=usable)
+            if gathered is not None:
+                return self._unpack(expected, branches, gathered)
+            del self._specs[key]
         # header: [holds predictions, dtype, outputs, then per output: ndim of one sample, *its shape]
         meta = [0]
-        if local and error is None:
-            meta = [1, _DTYPES.index(outs[0].dtype), len(outs)]
+        if mine_spec is not None:
+            meta = [1, _DTYPES.index(mine_spec[0]), len(outs)]
             for o in outs:
                 meta += [o.dim() - 1, *o.shape[1:]]
         rows = self.group.agree(error, meta)  # rank 0 always holds branch 0
@@ -200,17 +220,31 @@ class CfgParallelExecutor:
         specs = [_spec(r) for r in holders]
         if any(spec != specs[0] for spec in specs):
             raise RuntimeError(f"CFG group ranks predicted different shapes: {holders}")
-        dtype, shapes = specs[0]
-        sizes = [math.prod(shape) for shape in shapes]
-        slots = -(-n // k)  # the most branches any rank holds
+        self._specs[key] = specs[0]
+        gathered = self.group.all_gather(self._send(specs[0], branches, local))
+        return self._unpack(specs[0], branches, gathered)
+
+    def _send(self, spec: tuple[torch.dtype, list[tuple[int, ...]]], branches: Sequence[Branch],
+              local: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:  # fmt: skip
+        """This rank's gather input: (slots, largest branch, flattened outputs), its branches'
+        predictions in its slots, zeros elsewhere."""
+        dtype, shapes = spec
+        slots = -(-len(branches) // self.group.size)  # the most branches any rank holds
         rows_max = max(b.size for b in branches)  # every slot padded to the largest branch
-        send = torch.zeros((slots, rows_max, sum(sizes)), dtype=dtype, device=self.group.device)
+        send = torch.zeros((slots, rows_max, sum(math.prod(s) for s in shapes)), dtype=dtype,
+                           device=self.group.device)  # fmt: skip
         for j, outputs in enumerate(local):
             send[j, : outputs[0].shape[0]] = torch.cat([o.reshape(o.shape[0], -1) for o in outputs], dim=1)
-        gathered = self.group.all_gather(send)
+        return send
+
+    def _unpack(self, spec: tuple[torch.dtype, list[tuple[int, ...]]], branches: Sequence[Branch],
+                gathered: list[torch.Tensor]) -> list[Prediction]:  # fmt: skip
+        """The N predictions, in branch order, from every rank's gather input."""
+        _, shapes = spec
+        sizes = [math.prod(shape) for shape in shapes]
         preds: list[Prediction] = []
         for i, b in enumerate(branches):
-            flat = gathered[self.group.owner(i)][i // k][: b.size]
+            flat = gathered[self.group.owner(i)][i // self.group.size][: b.size]
             outputs = tuple(part.reshape(b.size, *shape) for part, shape in zip(flat.split(sizes, dim=1), shapes))
             preds.append(outputs[0] if len(outputs) == 1 else outputs)
         return preds

@@ -30,13 +30,14 @@ class RunSpec:
     name: str
     """Unique label, e.g. "gen b4 cfg2"."""
     kind: str
-    """"plain" (the diffusers loop) or "gen" (`gen batch`)."""
+    """"plain" (the diffusers loop; on gpus > 1 ranks split with accelerate) or "gen"
+    (`gen batch`)."""
     gpus: int = 1
-    """Ranks (gen only; the plain loop is one process)."""
+    """Ranks: torchrun processes of either kind."""
     cfg_parallel_size: int = 1
     """Ranks of a CFG group (gen only)."""
     batch_size: int = 1
-    """Prompts per pipeline call (gen only; the plain loop calls one prompt at a time)."""
+    """Prompts per pipeline call."""
     cfg_gate_step: float = 1.0
     """Gating fraction F in [0, 1]; 1.0 = off (gen only)."""
     cfg_gate_cosine: float | None = None
@@ -45,6 +46,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("plain", "gen"):
             raise ValueError(f"run kind {self.kind!r} is invalid: 'plain' or 'gen'")
+        if self.kind == "plain" and self.cfg_parallel_size != 1:
+            raise ValueError(f"run {self.name!r}: the plain loop has no CFG parallelism")
         if self.gpus < 1 or self.batch_size < 1 or self.gpus % self.cfg_parallel_size:
             raise ValueError(f"run {self.name!r}: gpus {self.gpus}, cfg {self.cfg_parallel_size}, "
                              f"batch {self.batch_size} are invalid")  # fmt: skip
@@ -96,19 +99,24 @@ def _run(cmd: list[str], threads: int, what: str) -> None:
 
 
 def run_plain(spec: RunSpec, work: Workload, out: Path) -> dict[str, Any]:
-    """One plain-loop run in its own process.
+    """One plain-loop run in its own process, or on ``spec.gpus`` torchrun processes (the rows
+    split with accelerate).
 
     Returns:
-        {"generate_wall_s", "images_per_s", "images", "load_s", "peak_rss_bytes" (list, one
-        per rank: here one), "threads"}.
+        {"generate_wall_s", "images_per_s", "images", "load_s", "peak_rss_bytes" and
+        "peak_device_bytes" (lists, one per rank; the device peak of rank 0 only), "threads"}.
     Raises:
         BenchRunFailed: the process failed.
     """
     result = out / "plain.json"
-    cmd = [sys.executable, "-m", "jobs.bench.plain_loop", work.manifest, work.model_path, str(out / "png"),
+    launch = [sys.executable, "-m", "jobs.bench.plain_loop"]
+    if spec.gpus > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc-per-node={spec.gpus}", "-m", "jobs.bench.plain_loop"]  # fmt: skip
+    cmd = [*launch, work.manifest, work.model_path, str(out / "png"),
            str(result), "--steps", str(work.num_inference_steps), "--guidance-scale",
            str(work.guidance_scale), "--threads", str(work.threads), "--dtype", work.dtype,
-           "--device", work.device,
+           "--device", work.device, "--batch-size", str(spec.batch_size),
            *(["--height", str(work.height)] if work.height else []),
            *(["--width", str(work.width)] if work.width else [])]  # fmt: skip
     _run(cmd, work.threads, f"run {spec.name!r}")
@@ -118,8 +126,8 @@ def run_plain(spec: RunSpec, work: Workload, out: Path) -> dict[str, Any]:
         "images_per_s": found["images_per_s"],
         "images": found["images"],
         "load_s": found["load_s"],
-        "peak_rss_bytes": [found["peak_rss_bytes"]],
-        "peak_device_bytes": [found["peak_device_bytes"]],
+        "peak_rss_bytes": found["peak_rss_bytes_per_rank"],
+        "peak_device_bytes": [found["peak_device_bytes"]] * len(found["peak_rss_bytes_per_rank"]),
         "threads": found["threads"],
     }
 

@@ -8,6 +8,9 @@ seeds), interleaved (A B C ... A B C ...) to cancel drift, ``repeats`` times:
     gen bB cfg2          --gpus N --cfg-parallel-size 2 against --gpus N/2 (bB: --batch-size B)
     gen bB gate0.5       --cfg-gate-step 0.5 against 1.0; gen bB gate-cos: --cfg-gate-cosine
     gen bB cfg2 gate0.5  both together
+    accelerate b1, bB    the plain loop on N ranks, rows split with accelerate's
+                         split_between_processes, 1 and B prompts per call
+    gen b1 dpN, bB dpN   gen batch on the same N ranks, data parallel
 
 with the same threads per rank everywhere. Then the per-call overhead of the intercept
 (jobs.bench.overhead) on tiny-sd, against a denoiser call of the benchmarked model. The
@@ -42,6 +45,8 @@ from jobs.errors import JobError
 TARGETS = {
     "gen vs plain, batch 1": Target(op=">=", value=1.0),
     "gen vs plain, best batch": Target(op=">", value=1.0),
+    "gen vs accelerate, batch 1": Target(op=">=", value=1.0),
+    "gen vs accelerate, best batch": Target(op=">=", value=1.5),
     "cfg parallel": Target(op=">=", value=1.85),
     "gate 0.5": Target(op="<=", value=0.80),
     "overhead per call": Target(op="<=", value=0.01),
@@ -123,7 +128,9 @@ def plan_runs(config: BenchConfig) -> list[RunSpec]:
 
     Returns:
         The plain loop, gen at batch 1 and at each sweep size, then (at config.batch_size) the
-        CFG-parallel baseline and runs, the gated runs, and both together; no duplicates.
+        CFG-parallel baseline and runs, the gated runs, both together, and (gpus > 1) the
+        accelerate-split plain loop and gen data parallel on the same gpus ranks, at batch 1
+        and batch_size; no duplicates.
     """
     b, f, half = config.batch_size, config.cfg_gate_step, config.gpus // 2
     runs = [RunSpec(name="plain loop", kind="plain")]
@@ -140,6 +147,11 @@ def plan_runs(config: BenchConfig) -> list[RunSpec]:
     if config.gpus > 1:
         runs.append(RunSpec(name=f"gen b{b} cfg2 gate{f:g}", kind="gen", gpus=config.gpus,
                             cfg_parallel_size=2, batch_size=b, cfg_gate_step=f))  # fmt: skip
+        n = config.gpus
+        for k in sorted({1, b}):
+            runs.append(RunSpec(name=f"accelerate b{k}", kind="plain", gpus=n, batch_size=k))
+        runs += [RunSpec(name=f"gen b{k} dp{n}", kind="gen", gpus=n, batch_size=k)
+                 for k in sorted({1, b}) if f"gen b{k} dp{n}" not in {r.name for r in runs}]  # fmt: skip
     return runs
 
 
@@ -182,6 +194,17 @@ def comparisons(config: BenchConfig, figures: dict[str, list[dict[str, Any]]]) -
         add("cfg parallel + gate", base, f"gen b{b} cfg2 gate{f:g}", "generate_wall_s",
             f"generate_wall_s {half} rank(s) without gate / {config.gpus} ranks cfg 2 with "
             f"--cfg-gate-step {f:g} (speed-up)")  # fmt: skip
+        n = config.gpus
+        add("gen vs accelerate, batch 1", f"gen b1 dp{n}", "accelerate b1", "images_per_s",
+            f"images/s gen / the plain loop split with accelerate, both on {n} ranks, 1 prompt per call")  # fmt: skip
+        gens = {f"gen b{k} dp{n}": col(f"gen b{k} dp{n}", "images_per_s") for k in sorted({1, b})}
+        top = best(gens)
+        add("gen vs accelerate, best batch", top, "accelerate b1", "images_per_s",
+            f"images/s gen at its best batch size ({top.split(' ')[1][1:]}) / accelerate split at "
+            f"batch 1, {n} ranks")  # fmt: skip
+        if b > 1:
+            add("gen vs accelerate, same batch", f"gen b{b} dp{n}", f"accelerate b{b}", "images_per_s",
+                f"images/s gen / accelerate split, both {b} prompts per call on {n} ranks")  # fmt: skip
     return found
 
 

@@ -21,6 +21,15 @@ class RankStats:
     compile_s: float = 0.0
     """Seconds spent in torch.compile (``--compile``; during the first forwards, inside the
     generation time), to report apart."""
+    write_s: float = 0.0
+    """Seconds of media encoding and part writes (on the writer thread when overlapped)."""
+    write_wait_s: float = 0.0
+    """Seconds the rank's own thread spent on those writes (waiting for the writer, or writing
+    without overlap): the part of write_s that the generation did wait for."""
+    cfg_exchanges: int = 0
+    """Collectives within the CFG group (0 without CFG parallelism)."""
+    cfg_exchange_s: float = 0.0
+    """Seconds in them, waiting for the group's slowest rank included."""
     samples_ok: int = 0
     samples_error: int = 0
     samples_skipped: int = 0

@@ -187,7 +187,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         StageRole(role, out=out, config=config, runner=runner, manifest=manifest, defaults=defaults,
                   group=group, dp_rank=dp_rank, dp_size=dims.dp_size, stats=stats, device=device,
                   wait_upstream=wait_upstream, stop=stop).run(shards)  # fmt: skip
-        _finish(out, stats, platform, device)
+        _finish(out, stats, platform, device, group)
         return stats
     if role == "decoder":
         from jobs.local.stages import DecodeSource
@@ -248,6 +248,7 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         writer.close(failed=True)  # finished micro-batches still reach their parts
         raise
     writer.close()
+    stats.write_s, stats.write_wait_s = round(writer.write_s, 4), round(writer.wait_s, 4)
     progress.add(0, force=True)
     barrier()
     if rank == 0:  # a shard whose last finisher lost the commit race
@@ -256,12 +257,13 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
                 out.try_commit(shard, run_id, world_size, _num_samples(manifest, shard, defaults))
             if out.is_done(shard):
                 committed(shard)
-    _finish(out, stats, platform, device)
+    _finish(out, stats, platform, device, group)
     return stats
 
 
-def _finish(out: OutputDir, stats: RankStats, platform, device: torch.device) -> None:  # noqa: ANN001
+def _finish(out: OutputDir, stats: RankStats, platform, device: torch.device, group) -> None:  # noqa: ANN001
     """Record this rank's peaks and stats, and leave the process group with the others."""
+    stats.cfg_exchanges, stats.cfg_exchange_s = group.exchanges, round(group.exchange_s, 4)
     if "torch._dynamo" in sys.modules:  # something was compiled (--compile)
         from pipeline.compile import compile_seconds
 

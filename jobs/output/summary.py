@@ -23,7 +23,9 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         run), time_to_done_s (launch to the last shard committed in this run; None if none);
         fresh_uncond, reused_uncond, invalidations: totals over all samples' steps;
         branches: {branch: {"fresh": n, "reused": m}} per auxiliary branch (uncond, stg, ...)
-        over all samples; per-rank peaks.
+        over all samples; per rank: peaks, write_s / write_wait_s (media encoding and part
+        writes, and the part of them the rank waited for), cfg_exchanges / cfg_exchange_s
+        (collectives within its CFG group and their seconds).
     """
     markers = out.done_markers()
     ranks = out.run_records()
@@ -53,7 +55,7 @@ def build_summary(out: OutputDir, *, launch_wall: float, num_shards: int) -> dic
         "run_samples_skipped": sum(r["samples_skipped"] for r in ranks),
         "ranks": [
             {k: r.get(k, "monolithic") for k in ("rank", "role", "dp_rank", "cfg_rank", "device", "threads", "load_s", "compile_s",
-                                                 "samples_ok", "samples_error", "peak_rss_bytes", "peak_device_bytes")}
+                                                 "write_s", "write_wait_s", "cfg_exchanges", "cfg_exchange_s", "samples_ok", "samples_error", "peak_rss_bytes", "peak_device_bytes")}
             for r in ranks
         ],  # fmt: skip
         "roles": _roles(ranks),

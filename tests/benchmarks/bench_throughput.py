@@ -3,15 +3,20 @@
 Runs the real `gen batch` CLI, each comparison interleaved (A B A B ...) to cancel drift, 1 thread
 per rank, and prints median generate_wall_s and the ratios:
 
+4. CFG parallel at its bound, small-sd at --bound-size px: --cfg-parallel-size 2 at batch B
+   against dp 2 at batch B / 2 (the same forward size per rank, no exchange), and the ranks'
+   seconds inside the group's collectives.
+
 3. --compile against eager, tiny-sd, 16 prompts, --gpus 1: generate_wall_s with and without the
    compile time (summary.json compile_s) it contains.
 
 1. Layout, tiny-sd: 64 prompts on --gpus 2 (auto picks dp 2) against forced --cfg-parallel-size 2;
    1 prompt on --gpus 2 (auto picks cfg 2) against forced dp 2 (--cfg-parallel-size 1).
-2. Writer overlap, tiny-sd at --writer-size px, --writer-steps steps, --gpus 1 (1 thread: the writer
-   thread has the other core): --overlap-writes against --no-overlap-writes; the PNG encoding
-   share is measured alongside (the same images' png_bytes timed in this process, over the
-   no-overlap run's generate_wall_s): the overlap can save at most that share.
+2. Writer overlap, --gpus 1 (1 thread: the writer thread has the other core): --overlap-writes
+   against --no-overlap-writes, on tiny-sd PNGs at --writer-size px ("writer") and on tiny-wan22
+   mp4s of --video-frames frames at --video-size px ("writer-video"), --writer-steps steps; the
+   write share is measured alongside (summary.json write_s of the no-overlap run over its
+   generate_wall_s): the overlap can save at most that share.
 
 Not a test: run it by hand.
 
@@ -24,7 +29,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,30 +64,21 @@ def _compare(name: str, manifest: Path, args: argparse.Namespace, runs: dict[str
     return result
 
 
-def _png_seconds(out: Path) -> float:
-    """Seconds to PNG-encode the run's images again, in this process (1 thread)."""
-    import io
-
-    from PIL import Image
-
-    from jobs.output.schema import png_bytes
-
-    images = [Image.open(io.BytesIO(c["bytes"])).convert("RGB")
-              for c in pq.read_table(out / "samples", columns=["image"]).column("image").to_pylist()]  # fmt: skip
-    start = time.perf_counter()
-    for image in images:
-        png_bytes(image)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--sections", default="layout,writer,compile")
+    ap.add_argument("--sections", default="layout,writer,writer-video,compile,cfg-bound")
+    ap.add_argument("--bound-size", type=int, default=256)
+    ap.add_argument("--bound-batch", type=int, default=4)
+    ap.add_argument("--bound-steps", type=int, default=10)
+    ap.add_argument("--bound-prompts", type=int, default=8)
     ap.add_argument("--writer-size", type=int, default=256)
     ap.add_argument("--writer-steps", type=int, default=2)
     ap.add_argument("--writer-prompts", type=int, default=32)
+    ap.add_argument("--video-size", type=int, default=256)
+    ap.add_argument("--video-frames", type=int, default=81)
+    ap.add_argument("--video-prompts", type=int, default=4)
     cli = ap.parse_args()
     sections = cli.sections.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
@@ -96,9 +91,16 @@ def main() -> None:
     if "layout" in sections:
         _layouts(work, layout_args, report)
     if "writer" in sections:
-        _writer(work, cli, base, report)
+        png = argparse.Namespace(**{**base, "steps": cli.writer_steps}, size=cli.writer_size)
+        _writer(work, "writer", png, cli.writer_prompts, [], report)
+    if "writer-video" in sections:
+        video = argparse.Namespace(**{**base, "model": "tiny-wan22", "batch": 1, "steps": cli.writer_steps},
+                                   size=cli.video_size)  # fmt: skip
+        _writer(work, "writer-video", video, cli.video_prompts, ["--num-frames", str(cli.video_frames)], report)
     if "compile" in sections:
         _compile(work, base, report)
+    if "cfg-bound" in sections:
+        _cfg_bound(work, cli, report)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1))
     print(f"wrote {RESULTS}")
@@ -116,17 +118,66 @@ def _layouts(work: Path, layout_args: argparse.Namespace, report: dict) -> None:
 
 
 
-def _writer(work: Path, cli: argparse.Namespace, base: dict, report: dict) -> None:
-    write_args = argparse.Namespace(**{**base, "steps": cli.writer_steps}, size=cli.writer_size)
-    manifest = _manifest(work, cli.writer_prompts)
-    writes = _compare("writer", manifest, write_args,
-                      {"overlap": ["--gpus", "1"], "no overlap": ["--gpus", "1", "--no-overlap-writes"]}, work)  # fmt: skip
-    png_s = _png_seconds(work / "writer-1")
-    ratio = writes["overlap"]["generate_wall_s"] / writes["no overlap"]["generate_wall_s"]
-    share = png_s / writes["no overlap"]["generate_wall_s"]
-    report["writer"] = {**writes, "overlap_over_no_overlap": ratio, "png_encode_s": png_s, "png_share": share}
-    print(f"writer overlap: generate_wall_s {ratio:.3f} of without; PNG encoding {png_s:.2f} s = "
-          f"{100 * share:.1f}% of the no-overlap run")  # fmt: skip
+def _writer(work: Path, name: str, args: argparse.Namespace, prompts: int, extra: list[str], report: dict) -> None:
+    """Overlap on / off on 1 rank; the encoding share from the runs' own write_s (summary.json,
+    rank 0: seconds inside media encoding and part writes) over generate_wall_s."""
+    walls = {"overlap": [], "no overlap": []}
+    writes: dict[str, list[tuple[float, float]]] = {"overlap": [], "no overlap": []}
+    manifest = _manifest(work, prompts)
+    runs = {"overlap": ["--gpus", "1", *extra], "no overlap": ["--gpus", "1", "--no-overlap-writes", *extra]}
+    for _ in range(args.repeats):
+        for i, (run, opts) in enumerate(runs.items()):
+            summary = gen(manifest, work / f"{name}-{i}", args, opts)
+            walls[run].append(summary["generate_wall_s"])
+            rank = summary["ranks"][0]
+            writes[run].append((rank["write_s"], rank["write_wait_s"]))
+    med = {run: statistics.median(w) for run, w in walls.items()}
+    write_s = statistics.median(w for w, _ in writes["no overlap"])
+    waited = statistics.median(w for _, w in writes["overlap"])
+    ratio, share = med["overlap"] / med["no overlap"], write_s / med["no overlap"]
+    report[name] = {"generate_wall_s": med, "runs": walls, "write_s_and_wait_s": writes,
+                    "overlap_over_no_overlap": ratio, "write_share": share}  # fmt: skip
+    print(f"{name}: {args.model} {' '.join(extra)}, {prompts} prompts, {args.size}px, {args.steps} steps, "
+          f"batch {args.batch}, 1 rank, median of {args.repeats}")  # fmt: skip
+    print(f"  overlap {med['overlap']:.2f} s vs no overlap {med['no overlap']:.2f} s: {ratio:.3f}; "
+          f"writes {write_s:.2f} s = {100 * share:.1f}% of the no-overlap run; with overlap the rank "
+          f"waited {waited:.2f} s of them")  # fmt: skip
+
+
+def _cfg_bound(work: Path, cli: argparse.Namespace, report: dict) -> None:
+    """CFG parallel at batch B against its bound, dp 2 at batch B / 2 (every rank forwards B
+    samples a step either way, with no exchange in dp); the gap itemized by the ranks' own
+    cfg_exchange_s (seconds inside the group's collectives, waiting for the other rank included)."""
+    b = cli.bound_batch
+    args = argparse.Namespace(model="small-sd", batch=b, steps=cli.bound_steps, repeats=cli.repeats,
+                              size=cli.bound_size)  # fmt: skip
+    manifest = _manifest(work, cli.bound_prompts)
+    runs = {f"cfg 2, batch {b}": ["--gpus", "2", "--cfg-parallel-size", "2"],
+            f"bound: dp 2, batch {b // 2}": ["--gpus", "2", "--cfg-parallel-size", "1", "--batch-size", str(b // 2)]}  # fmt: skip
+    walls: dict[str, list[float]] = {r: [] for r in runs}
+    exchange: list[list[float]] = []
+    counts: list[int] = []
+    for _ in range(cli.repeats):
+        for i, (run, extra) in enumerate(runs.items()):
+            summary = gen(manifest, work / f"bound-{i}", args, extra)
+            walls[run].append(summary["generate_wall_s"])
+            if i == 0:
+                exchange.append([r["cfg_exchange_s"] for r in summary["ranks"]])
+                counts.append(summary["ranks"][0]["cfg_exchanges"])
+    med = {r: statistics.median(w) for r, w in walls.items()}
+    cfg, bound = med[f"cfg 2, batch {b}"], med[f"bound: dp 2, batch {b // 2}"]
+    per_rank = [statistics.median(e[k] for e in exchange) for k in range(2)]
+    steps = cli.bound_steps * -(-cli.bound_prompts // b)
+    report["cfg_bound"] = {"generate_wall_s": med, "runs": walls, "of_bound": bound / cfg,
+                           "cfg_exchange_s_per_rank": per_rank, "cfg_exchanges": counts[-1],
+                           "gap_s": cfg - bound, "gap_per_step_ms": 1000 * (cfg - bound) / steps}  # fmt: skip
+    print(f"cfg bound: small-sd, {cli.bound_prompts} prompts, {cli.bound_size}px, {cli.bound_steps} steps, "
+          f"median of {cli.repeats}")  # fmt: skip
+    for run, w in med.items():
+        print(f"  {run:24s} generate_wall_s {w:7.3f}")
+    print(f"  cfg parallel at {100 * bound / cfg:.1f}% of the bound; gap {cfg - bound:.2f} s = "
+          f"{1000 * (cfg - bound) / steps:.1f} ms per step over {steps} steps; in the group's "
+          f"{counts[-1]} collectives: rank 0 {per_rank[0]:.2f} s, rank 1 {per_rank[1]:.2f} s")  # fmt: skip
 
 
 def _compile(work: Path, base: dict, report: dict) -> None:

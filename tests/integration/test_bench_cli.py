@@ -40,19 +40,22 @@ def test_gen_bench_end_to_end_writes_the_report(tmp_path: Path) -> None:
     assert report["config"]["model"] == "tiny-sd"
     runs = report["runs"]
     assert set(runs) == {"plain loop", "gen b1", "gen b2", "gen b2 cfg2", "gen b2 gate0.5",
-                         "gen b2 gate-cos0.99", "gen b2 cfg2 gate0.5"}  # fmt: skip
+                         "gen b2 gate-cos0.99", "gen b2 cfg2 gate0.5", "accelerate b1", "accelerate b2",
+                         "gen b1 dp2", "gen b2 dp2"}  # fmt: skip
     for name, run in runs.items():
         assert len(run["repeats"]) == 1, name
         assert run["repeats"][0]["images"] == 2, name
         assert run["generate_wall_s"]["median"] > 0 and run["images_per_s"]["median"] > 0, name
-        ranks = 2 if "cfg2" in name else 1
+        ranks = 2 if "cfg2" in name or name.endswith("dp2") or "accelerate" in name else 1
         assert len(run["peak_rss_bytes_per_rank"]) == ranks, name
         assert all(50 << 20 < b < 8 << 30 for b in run["peak_rss_bytes_per_rank"]), name
     assert runs["gen b2 gate0.5"]["reused_uncond"] == 2  # 2 samples x 1 of 2 steps gated
     assert runs["gen b2"]["reused_uncond"] == 0
     comparisons = {c["name"]: c for c in report["comparisons"]}
     assert set(comparisons) == {"gen vs plain, batch 1", "gen vs plain, best batch", "cfg parallel",
-                                "gate 0.5", "adaptive gate", "cfg parallel + gate", "overhead per call"}  # fmt: skip
+                                "gate 0.5", "adaptive gate", "cfg parallel + gate", "overhead per call",
+                                "gen vs accelerate, batch 1", "gen vs accelerate, best batch",
+                                "gen vs accelerate, same batch"}  # fmt: skip
     for c in comparisons.values():
         assert c["ratio"] > 0
         assert (c["met"] is None) == (c["target"] is None), c
@@ -66,21 +69,28 @@ def test_gen_bench_end_to_end_writes_the_report(tmp_path: Path) -> None:
     assert [r["rank"] for r in overhead["tiny-sd cfg parallel"]] == [0, 1]
 
 
-def test_plain_loop_writes_one_png_per_row(tmp_path: Path) -> None:
+def test_plain_loop_writes_one_png_per_row_and_its_accelerate_split_the_same(tmp_path: Path) -> None:
+    """One process, then 2 torchrun processes splitting the rows with accelerate: the same PNGs."""
     manifest = tmp_path / "p.parquet"
     write_manifest(manifest, 3)
     model = resolve_model("tiny-sd")
-    result = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "jobs.bench.plain_loop", str(manifest), model.path,
-                           str(tmp_path / "png"), str(result), "--steps", "2", "--threads", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    pngs = sorted((tmp_path / "png").glob("*.png"))
-    assert [p.name for p in pngs] == ["000000000.png", "000000001.png", "000000002.png"]
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    found = json.loads(result.read_text())
-    assert found["images"] == 3 and found["threads"] == 1
-    assert found["generate_s"] > 0 and found["load_s"] > 0 and found["peak_rss_bytes"] > 50 << 20
+    found = {}
+    for name, launch in (("one", []), ("split", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])):
+        proc = subprocess.run([sys.executable, *launch, "-m", "jobs.bench.plain_loop", str(manifest), model.path,
+                               str(tmp_path / name), str(tmp_path / f"{name}.json"), "--steps", "2", "--threads", "1"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        pngs = sorted((tmp_path / name).glob("*.png"))
+        assert [p.name for p in pngs] == ["000000000.png", "000000001.png", "000000002.png"]
+        assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+        found[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        assert found[name]["images"] == 3 and found[name]["threads"] == 1
+        assert found[name]["generate_s"] > 0 and found[name]["load_s"] > 0 and found[name]["peak_rss_bytes"] > 50 << 20
+    assert found["one"]["processes"] == 1 and found["split"]["processes"] == 2
+    assert len(found["split"]["peak_rss_bytes_per_rank"]) == 2
+    for png in (tmp_path / "one").glob("*.png"):
+        assert (tmp_path / "split" / png.name).read_bytes() == png.read_bytes(), png.name
 
 
 def _big(tmp_path: Path, rows: int = 100_000) -> Path:

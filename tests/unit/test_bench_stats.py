@@ -78,13 +78,16 @@ def test_best_takes_the_highest_median() -> None:
 def test_plan_runs_sweep_bounded_by_prompts_and_no_duplicates() -> None:
     names = [r.name for r in plan_runs(BenchConfig(num_prompts=4, batch_sizes=(2, 4, 8)))]
     assert names == ["plain loop", "gen b1", "gen b2", "gen b4", "gen b4 cfg2", "gen b4 gate0.5",
-                     "gen b4 gate-cos0.99", "gen b4 cfg2 gate0.5"]  # fmt: skip
+                     "gen b4 gate-cos0.99", "gen b4 cfg2 gate0.5", "accelerate b1", "accelerate b4",
+                     "gen b1 dp2", "gen b4 dp2"]  # fmt: skip
     four = {r.name: r for r in plan_runs(BenchConfig(gpus=4, cfg_gate_cosine=None))}
     assert four["gen b4 dp2"].gpus == 2 and four["gen b4 dp2"].cfg_parallel_size == 1
     assert four["gen b4 cfg2"].gpus == 4 and four["gen b4 cfg2"].cfg_parallel_size == 2
     assert "gen b8" in four and not any("cos" in n for n in four)
+    assert four["accelerate b4"].kind == "plain" and four["accelerate b4"].gpus == 4
+    assert four["gen b1 dp4"].gpus == 4 and four["gen b1 dp4"].cfg_parallel_size == 1
     one = [r.name for r in plan_runs(BenchConfig(gpus=1))]
-    assert not any("cfg2" in n for n in one)
+    assert not any("cfg2" in n or "accelerate" in n for n in one)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +105,8 @@ def _figures(config: BenchConfig) -> dict[str, list[dict]]:
     """Synthetic per-repeat figures: walls by a known factor of the batch-4 baseline."""
     walls = {"plain loop": 20.0, "gen b1": 19.0, "gen b2": 16.0, "gen b4": 10.0, "gen b8": 12.0,
              "gen b4 cfg2": 5.0, "gen b4 gate0.5": 7.5, "gen b4 gate-cos0.99": 6.0,
-             "gen b4 cfg2 gate0.5": 4.0}  # fmt: skip
+             "gen b4 cfg2 gate0.5": 4.0, "accelerate b1": 12.0, "accelerate b4": 9.0,
+             "gen b1 dp2": 10.0, "gen b4 dp2": 6.0}  # fmt: skip
     figures = {}
     for run in plan_runs(config):
         w = walls[run.name]
@@ -123,6 +127,12 @@ def test_comparisons_ratios_and_targets() -> None:
     assert found["gate 0.5"]["ratio"] == pytest.approx(0.75) and found["gate 0.5"]["met"]
     assert found["adaptive gate"]["ratio"] == pytest.approx(0.6) and found["adaptive gate"]["met"] is None
     assert found["cfg parallel + gate"]["ratio"] == pytest.approx(2.5)
+    assert found["gen vs accelerate, batch 1"]["ratio"] == pytest.approx(1.2)
+    assert found["gen vs accelerate, best batch"]["numerator"] == "gen b4 dp2"
+    assert found["gen vs accelerate, best batch"]["ratio"] == pytest.approx(2.0)
+    assert found["gen vs accelerate, best batch"]["met"] is True
+    assert found["gen vs accelerate, same batch"]["ratio"] == pytest.approx(1.5)
+    assert found["gen vs accelerate, same batch"]["met"] is None
     assert all(c["paired"]["min"] == pytest.approx(c["ratio"]) for c in found.values())
 
 

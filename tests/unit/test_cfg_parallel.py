@@ -216,3 +216,58 @@ def test_collective_error_is_not_turned_into_a_group_abort() -> None:
     with pytest.raises(CollectiveError):
         with group.lockstep():
             CfgParallelExecutor(group, batched=True).run(make_branches(2), Predictor())
+
+
+def test_one_collective_per_step_once_the_layout_is_known() -> None:
+    """The first step with given branch sizes takes the control exchange and the gather; later
+    ones a single gather carrying the status, with the same predictions; none for a group of
+    one. The seconds inside them include waiting for the slowest rank."""
+    import time
+
+    expected = serial_predictions(2)
+
+    def steps(group: CfgGroup) -> tuple[int, float, list[list[torch.Tensor]]]:
+        slow = Predictor()
+        forward = slow if group.rank == 0 else (lambda *a, **kw: (time.sleep(0.2), slow(*a, **kw))[1])
+        executor = CfgParallelExecutor(group, batched=False)
+        preds = [executor.run(make_branches(2), forward) for _ in range(3)]
+        return group.exchanges, group.exchange_s, preds
+
+    (n0, s0, p0), (n1, s1, p1) = run_group(2, steps)
+    assert n0 == n1 == 2 + 1 + 1
+    assert s0 >= 0.5 > s1, "rank 0 waited for the slow rank 1 at every step"
+    for preds in p0 + p1:
+        assert all(torch.equal(p, e) for p, e in zip(preds, expected))
+    alone = CfgGroup(None)
+    CfgParallelExecutor(alone, batched=True).run(make_branches(2), Predictor())
+    assert alone.exchanges == 0 and alone.exchange_s == 0.0
+
+
+def test_predictions_that_change_layout_fall_back_to_two_exchanges() -> None:
+    """At step 2 the predictions come back in bfloat16 on both ranks: the one-collective step
+    sees that the learnt layout no longer fits, every rank falls back to the control exchange
+    and gathers the new layout exactly; step 3 is one collective again."""
+
+    class Switching(Predictor):
+        step = 0
+
+        def __call__(self, args, kwargs):  # noqa: ANN001, ANN204
+            out = super().__call__(args, kwargs)
+            return out.to(torch.bfloat16) if self.step >= 1 else out
+
+    def steps(group: CfgGroup) -> tuple[list[int], list[list[torch.Tensor]]]:
+        executor, predictor, counts, preds = CfgParallelExecutor(group, batched=False), Switching(), [], []
+        for predictor.step in range(3):
+            before = group.exchanges
+            preds.append(executor.run(make_branches(2), predictor))
+            counts.append(group.exchanges - before)
+        return counts, preds
+
+    reference, serial, expected = Switching(), SerialBranchExecutor(batched=False), []
+    for reference.step in range(3):
+        expected.append(serial.run(make_branches(2), reference))
+    assert expected[1][0].dtype == torch.bfloat16
+    for counts, preds in run_group(2, steps):
+        assert counts == [2, 3, 1]  # step 2: the failed one-collective try, then both exchanges
+        for got, want in zip(preds, expected):
+            assert all(p.dtype == w.dtype and torch.equal(p, w) for p, w in zip(got, want))

@@ -62,3 +62,19 @@ def test_without_overlap_writes_run_at_once() -> None:
     writer.close()
     with pytest.raises(ValueError, match="depth"):
         PartWriter(depth=0)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_write_and_wait_seconds(overlap: bool) -> None:
+    """write_s counts the writes; wait_s only what the caller waited: all of it without overlap,
+    little of it when the caller works meanwhile."""
+    writer = PartWriter(overlap=overlap)
+    for _ in range(3):
+        writer.submit(lambda: time.sleep(0.1))
+        time.sleep(0.15)  # the caller's own work (the next micro-batch)
+    writer.close()
+    assert 0.3 <= writer.write_s < 0.6
+    if overlap:
+        assert writer.wait_s < 0.1
+    else:
+        assert writer.wait_s >= writer.write_s
