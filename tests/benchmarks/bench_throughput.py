@@ -1,26 +1,25 @@
-"""Benchmark (issue 18): the auto layout against forced ones, and the writer overlap on / off.
+"""Benchmark (issue 18): the auto layout against forced ones, the writer overlap on / off,
+--compile, and CFG parallel against its bound.
 
 Runs the real `gen batch` CLI, each comparison interleaved (A B A B ...) to cancel drift, 1 thread
 per rank, and prints median generate_wall_s and the ratios:
 
-4. CFG parallel at its bound, small-sd at --bound-size px: --cfg-parallel-size 2 at batch B
-   against dp 2 at batch B / 2 (the same forward size per rank, no exchange), and the ranks'
-   seconds inside the group's collectives.
-
-3. --compile against eager, tiny-sd, 16 prompts, --gpus 1: generate_wall_s with and without the
-   compile time (summary.json compile_s) it contains.
-
-1. Layout, tiny-sd: 64 prompts on --gpus 2 (auto picks dp 2) against forced --cfg-parallel-size 2;
-   1 prompt on --gpus 2 (auto picks cfg 2) against forced dp 2 (--cfg-parallel-size 1).
+1. Layout ("layout"), tiny-sd: 64 prompts on --gpus 2 (auto picks dp 2) against forced
+   --cfg-parallel-size 2; 1 prompt on --gpus 2 (auto picks cfg 2) against forced dp 2.
 2. Writer overlap, --gpus 1 (1 thread: the writer thread has the other core): --overlap-writes
    against --no-overlap-writes, on tiny-sd PNGs at --writer-size px ("writer") and on tiny-wan22
    mp4s of --video-frames frames at --video-size px ("writer-video"), --writer-steps steps; the
    write share is measured alongside (summary.json write_s of the no-overlap run over its
    generate_wall_s): the overlap can save at most that share.
+3. --compile against eager ("compile"), tiny-sd, 16 prompts, --gpus 1: generate_wall_s with and
+   without the compile time (summary.json compile_s) it contains.
+4. CFG parallel at its bound ("cfg-bound"), small-sd at --bound-size px: --cfg-parallel-size 2
+   at batch B against dp 2 at batch B / 2 (the same forward size per rank, no exchange), and
+   the ranks' seconds inside the group's collectives.
 
 Not a test: run it by hand.
 
-    python -m tests.benchmarks.bench_throughput [--repeats 3] [--sections layout,writer,compile]
+    python -m tests.benchmarks.bench_throughput [--repeats 3] [--sections layout,writer,...]
 """
 
 from __future__ import annotations
