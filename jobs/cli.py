@@ -66,6 +66,9 @@ def main() -> None:
               help="Ranks per CFG group (--gpus = dp x this), or auto: data parallel first, CFG groups of 2 only when "
                    "the job has fewer micro-batches than ranks (the layout line says why).")
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
+@click.option("--max-forward-batch", type=int,
+              help="Most samples one denoiser forward may hold (>= --batch-size): CFG branches are concatenated only up "
+                   "to it, and auto picks CFG groups when a batched step would exceed it [default: no cap].")
 @click.option("--compile/--no-compile", "compile", default=False, show_default=True,
               help="torch.compile the denoiser (its repeated blocks where the model has them; dynamic shapes). "
                    "Compile time is reported apart (summary.json compile_s); images round differently from eager.")

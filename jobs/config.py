@@ -95,6 +95,10 @@ class BatchConfig:
     manifest before anything runs; until then ``dims`` counts it as 1)."""
     cfg_batching: bool = True
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
+    max_forward_batch: int | None = None
+    """Most samples one denoiser forward may hold, >= batch_size (a micro-batch's cond branch is
+    one forward); branches are concatenated only up to it, and auto layout picks CFG groups
+    when a batched step would exceed it. None: no cap."""
     compile: bool = False
     """torch.compile the denoisers (pipeline.compile: their repeated blocks where the model
     declares them, dynamic shapes); compiled kernels round differently, so it is a generation option."""
@@ -168,6 +172,9 @@ class BatchConfig:
         need(self.num_frames is None or self.num_frames >= 1, "--num-frames", self.num_frames, ">= 1")
         need(self.images_per_prompt >= 1, "--images-per-prompt", self.images_per_prompt, ">= 1")
         need(self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1")
+        need(self.max_forward_batch is None or self.max_forward_batch >= self.batch_size, "--max-forward-batch",
+             self.max_forward_batch, f"must be >= --batch-size ({self.batch_size}): a micro-batch's cond branch "
+             "is one forward")  # fmt: skip
         need(0 <= self.seed < 2**63, "--seed", self.seed, "must be in [0, 2**63)")
         need(self.gpus >= 1, "--gpus", self.gpus, "must be >= 1")
         need(self.roles in ROLE_MODES, "--roles", self.roles, f"one of {', '.join(ROLE_MODES)}")
@@ -246,7 +253,7 @@ class BatchConfig:
         keep = (
             "model", "dtype", "num_inference_steps", "num_frames", "guidance_scale", "guidance_rescale",
             "height", "width", "images_per_prompt", "batch_size", "seed", "shard_size",
-            "cfg_batching", "compile", "cfg_gate_step", "cfg_gate_steps", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
+            "cfg_batching", "max_forward_batch", "compile", "cfg_gate_step", "cfg_gate_steps", "cfg_gate_cosine", "true_cfg_scale", "skip_guidance_layers",
             "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
             *LTX2_OPTIONS,
         )  # fmt: skip

@@ -46,10 +46,19 @@ def resolve_layout(config: BatchConfig, num_rows: int, *, shards_per_task: int |
         shards_per_task: a SLURM submission's shards per task (None: a local run).
     Returns:
         (config, reason): ``config`` itself when --cfg-parallel-size was given.
+
+    ``--max-forward-batch`` below a batched step's samples (branches x batch_size) does not by
+    itself call for CFG groups: under the cap each branch is its own forward of batch_size
+    samples either way, and data parallelism runs as many such forwards per step as CFG groups
+    would, without the per-step exchange; the reason says how the cap is honoured.
     """
     if config.cfg_parallel_size is not None:
         return config, None
     world = config.role_ranks("denoiser") if config.split else config.gpus
+    branches = guidance_branches(config)
     k, reason = auto_cfg_size(world, micro_batches=micro_batches(num_rows, config, shards_per_task),
-                              branches=guidance_branches(config))  # fmt: skip
+                              branches=branches)  # fmt: skip
+    cap = config.max_forward_batch
+    if cap is not None and config.cfg_batching and math.ceil(branches / k) * config.batch_size > cap:
+        reason += f"; --max-forward-batch {cap}: each branch its own forward of {config.batch_size}"
     return dataclasses.replace(config, cfg_parallel_size=k), reason

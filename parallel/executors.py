@@ -28,13 +28,16 @@ Prediction = torch.Tensor | tuple[torch.Tensor, ...]
 """A branch's prediction: (samples, ...), or a tuple of such (one per denoiser output)."""
 
 
-def _forwards(branches: Sequence[Branch], batched: bool) -> list[tuple[list[Branch], tuple[Any, ...], dict[str, Any]]]:
+def _forwards(branches: Sequence[Branch], batched: bool, max_forward: int | None = None,
+              ) -> list[tuple[list[Branch], tuple[Any, ...], dict[str, Any]]]:  # fmt: skip
     """The forwards that run ``branches``, each (its branches, args, kwargs): with ``batched``,
     consecutive branches of the same call whose shared inputs agree form one forward (inputs
-    concatenated once); else one forward per branch."""
+    concatenated once) while it holds at most ``max_forward`` samples (None: no cap); else one
+    forward per branch."""
     out: list[tuple[list[Branch], tuple[Any, ...], dict[str, Any]]] = []
     for b in branches:
-        if batched and out and out[-1][0][-1].call == b.call:
+        if (batched and out and out[-1][0][-1].call == b.call
+                and (max_forward is None or sum(x.size for x in out[-1][0]) + b.size <= max_forward)):  # fmt: skip
             group = [*out[-1][0], b]
             try:
                 args, kwargs = concat_branches(group)
@@ -47,9 +50,9 @@ def _forwards(branches: Sequence[Branch], batched: bool) -> list[tuple[list[Bran
     return out
 
 
-def forward_groups(branches: Sequence[Branch], batched: bool) -> list[list[Branch]]:
+def forward_groups(branches: Sequence[Branch], batched: bool, max_forward: int | None = None) -> list[list[Branch]]:
     """How ``branches`` run as forwards (see ``_forwards``): the branches of each forward."""
-    return [group for group, _, _ in _forwards(branches, batched)]
+    return [group for group, _, _ in _forwards(branches, batched, max_forward)]
 
 
 def _split(pred: Prediction, sizes: list[int]) -> list[Prediction]:
@@ -59,9 +62,10 @@ def _split(pred: Prediction, sizes: list[int]) -> list[Prediction]:
     return list(zip(*(p.split(sizes, dim=0) for p in pred)))
 
 
-def _run_local(branches: Sequence[Branch], forward: Forward, batched: bool) -> list[Prediction]:
+def _run_local(branches: Sequence[Branch], forward: Forward, batched: bool,
+               max_forward: int | None = None) -> list[Prediction]:  # fmt: skip
     preds: list[Prediction] = []
-    for group, args, kwargs in _forwards(branches, batched):
+    for group, args, kwargs in _forwards(branches, batched, max_forward):
         if len(group) == 1:
             preds.append(forward(args, kwargs))
         else:
@@ -78,11 +82,14 @@ class SerialBranchExecutor:
 
     ``batched=True`` concatenates the branches into one forward (fewer, larger kernels: at batch 1
     ~25% faster than two forwards on a CPU); ``batched=False`` runs one forward per branch, the
-    exact computation a CFG-parallel rank performs for its own branch.
+    exact computation a CFG-parallel rank performs for its own branch. ``max_forward`` (the
+    job's --max-forward-batch; None: no cap) stops concatenating branches once a forward would
+    hold more samples.
     """
 
-    def __init__(self, *, batched: bool) -> None:
+    def __init__(self, *, batched: bool, max_forward: int | None = None) -> None:
         self.batched = batched
+        self.max_forward = max_forward
         self.last_layout: list[tuple[str, int]] = []
         """(branch name, CFG-group rank) of each forward input of the last step."""
 
@@ -97,7 +104,7 @@ class SerialBranchExecutor:
             branch order.
         """
         self.last_layout = [(b.name, 0) for b in branches]
-        return _run_local(branches, forward, self.batched)
+        return _run_local(branches, forward, self.batched, self.max_forward)
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -142,11 +149,14 @@ class CfgParallelExecutor:
         group: this rank's CFG group (size K >= 1).
         batched: concatenate a rank's own branches into one forward, and split a lone branch
             by samples.
+        max_forward: most samples a rank's concatenated forward may hold (--max-forward-batch);
+            None: no cap.
     """
 
-    def __init__(self, group: CfgGroup, *, batched: bool) -> None:
+    def __init__(self, group: CfgGroup, *, batched: bool, max_forward: int | None = None) -> None:
         self.group = group
         self.batched = batched
+        self.max_forward = max_forward
         self.last_layout: list[tuple[str, int]] = []
         """(branch name, CFG-group rank) of each forward input of the last step; a branch cut
         by samples appears once per rank that ran a chunk of it."""
@@ -183,7 +193,7 @@ class CfgParallelExecutor:
         mine = [b for i, b in enumerate(branches) if self.group.owner(i) == me]
         error, local = None, []
         try:
-            local = [_outputs(p) for p in _run_local(mine, forward, self.batched)] if mine else []
+            local = [_outputs(p) for p in _run_local(mine, forward, self.batched, self.max_forward)] if mine else []
             outs = local[0] if local else ()
             if any(len(p) != len(outs) or any(a.shape[1:] != b.shape[1:] or a.dtype != b.dtype
                                               for a, b in zip(p, outs)) for p in local):  # fmt: skip

@@ -81,6 +81,8 @@ class StageRunner:
         guidance_rescale: diffusers' guidance_rescale in [0, 1]; None = the family's own
             (call_defaults, else 0).
         group: this rank's CFG group; None or size 1 runs every branch here.
+        max_forward_batch: most samples one denoiser forward may hold (--max-forward-batch):
+            branches are concatenated only up to it; None: no cap.
         cfg_gate_cosine: adaptive CFG gating threshold G in [-1, 1], or None (pipeline.gating).
         rules: the platform's device rules (``Platform.device_rules``): applied to ``pipe`` here,
             and around every stage call (with the forbidden-dtype guard when they ask for it);
@@ -93,15 +95,16 @@ class StageRunner:
 
     def __init__(self, pipe: Any, *, cfg_batching: bool, guidance_rescale: float | None,
                  group: CfgGroup | None = None, cfg_gate_cosine: float | None = None,
-                 rules: DeviceRules | None = None, fault: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 rules: DeviceRules | None = None, fault: Callable[[str], None] | None = None,
+                 max_forward_batch: int | None = None) -> None:  # fmt: skip
         self.family = family_for(pipe)
         self.rules = rules
         self.device_changes = adapt_pipeline(pipe, rules)
         self.group = group or CfgGroup(None)
         executor = (
-            CfgParallelExecutor(self.group, batched=cfg_batching)
+            CfgParallelExecutor(self.group, batched=cfg_batching, max_forward=max_forward_batch)
             if self.group.size > 1
-            else SerialBranchExecutor(batched=cfg_batching)
+            else SerialBranchExecutor(batched=cfg_batching, max_forward=max_forward_batch)
         )
         self.hook = DenoiserHook(pipe, self.family.convention, executor, self.family.step_calls,
                                  self.family.auxiliary_branches)  # fmt: skip

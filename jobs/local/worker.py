@@ -122,7 +122,8 @@ def run_rank(out_dir: str, run_id: str, *, rank: int, world_size: int, local_ran
         runner = StageRunner(pipe, cfg_batching=config.cfg_batching,
                              guidance_rescale=config.guidance_rescale, group=group,
                              cfg_gate_cosine=config.cfg_gate_cosine,
-                             rules=platform.device_rules(dtype), fault=failpoint)  # fmt: skip
+                             rules=platform.device_rules(dtype), fault=failpoint,
+                             max_forward_batch=config.max_forward_batch)  # fmt: skip
     except (OSError, ValueError) as exc:  # not found, not a pipeline, unsupported class
         raise JobError(f"--model {model.name}: cannot load it: {exc}") from None
     try:

@@ -47,6 +47,9 @@ def test_separate_branch_forwards_match_within_rounding(pipe) -> None:  # noqa: 
     for a, b in zip(batched.results, separate.results):
         diff = np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16))
         assert diff.max() <= 1  # at most 1/255 per pixel
+    # --max-forward-batch 3 < 2 branches x 3 samples: each branch its own forward, the same bits
+    capped = StageRunner(pipe, cfg_batching=True, guidance_rescale=0.0, max_forward_batch=3).run(_requests(5.0))
+    assert [a.image.tobytes() for a in capped.results] == [b.image.tobytes() for b in separate.results]
 
 
 def test_decode_mask_decodes_only_this_ranks_images(pipe) -> None:  # noqa: ANN001

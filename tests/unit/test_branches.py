@@ -87,6 +87,20 @@ def test_branches_with_different_shared_inputs_do_not_concatenate() -> None:
     assert len(forward_groups([cond, other_call], batched=True)) == 2  # the pipeline's own calls
 
 
+def test_max_forward_caps_concatenation() -> None:
+    """--max-forward-batch: branches are concatenated only while a forward holds at most that
+    many samples; each branch is its own forward below their sum."""
+    args, kwargs = _inputs()
+    branches = split_branches(NAMES, args, kwargs, 4, KEYS)  # 2 samples per branch
+    assert len(forward_groups(branches, batched=True, max_forward=4)) == 1
+    assert len(forward_groups(branches, batched=True, max_forward=3)) == 2
+    calls: list[torch.Tensor] = []
+    capped = SerialBranchExecutor(batched=True, max_forward=2).run(branches, _elementwise(calls))
+    assert [c.shape[0] for c in calls] == [2, 2]
+    unbatched = SerialBranchExecutor(batched=False).run(branches, _elementwise([]))
+    assert all(torch.equal(a, b) for a, b in zip(capped, unbatched))
+
+
 def test_concat_inverts_split() -> None:
     args, kwargs = _inputs()
     branches = split_branches(NAMES, args, kwargs, 4, KEYS)

@@ -36,3 +36,15 @@ def test_explicit_size_wins_and_no_guidance_means_no_groups() -> None:
     assert guidance_branches(_config(guidance_scale=1.0, true_cfg_scale=4.0)) == 2
     assert guidance_branches(_config()) == 2  # the model's default guidance
     assert resolve_layout(_config(gpus=2, guidance_scale=1.0), 1)[0].cfg_parallel_size == 1
+
+
+def test_max_forward_batch_keeps_data_parallel_and_says_how_the_cap_is_honoured() -> None:
+    """Under the cap each branch is its own forward of batch_size on either layout, so many
+    micro-batches still go data parallel; the reason names the cap."""
+    capped, why = resolve_layout(_config(gpus=2, batch_size=4, max_forward_batch=4), 64)
+    assert capped.cfg_parallel_size == 1
+    assert why.endswith("; --max-forward-batch 4: each branch its own forward of 4")
+    room, why = resolve_layout(_config(gpus=2, batch_size=4, max_forward_batch=8), 64)
+    assert "--max-forward-batch" not in why
+    one, why = resolve_layout(_config(gpus=2, batch_size=4, max_forward_batch=4), 1)
+    assert one.cfg_parallel_size == 2 and "--max-forward-batch" not in why  # one branch per rank fits
