@@ -56,13 +56,18 @@ def follow(out: OutputDir, shard_indices: list[int], total: int, *, poll_s: floa
 
 
 def _tasks_of(out: OutputDir, shard_indices: list[int]) -> list[str]:
-    """Job ids of the newest task holding each shard."""
-    holder: dict[int, str] = {}
+    """Job ids of the tasks of the newest submission holding each shard: one task, or a split
+    job's chain (encoder, denoiser, decoder), so that a failed encoder shows beside the
+    partners SLURM cancelled. In submission order, each once."""
+    holder: dict[int, list[str]] = {}
     for submission in read_submissions(out):
+        newest: dict[int, list[str]] = {}
         for task in submission["tasks"]:
             for shard in task["shards"]:
-                holder[shard] = task["job_id"]
-    return sorted({holder[i] for i in shard_indices if i in holder})
+                newest.setdefault(shard, []).append(task["job_id"])
+        holder.update(newest)
+    ids = [job_id for i in shard_indices for job_id in holder.get(i, [])]
+    return list(dict.fromkeys(ids))
 
 
 def _unfinished_message(out: OutputDir, remaining: list[int], job_ids: list[str]) -> str:

@@ -253,12 +253,27 @@ def test_failed_tasks_end_wait_with_a_clear_message_and_resume(m12: Path, tmp_pa
 
 def test_split_roles_as_three_chained_arrays_match_the_local_run(m12: Path, tmp_path: Path) -> None:
     """--roles split on SLURM: encoder, denoiser, decoder arrays chained task by task with
-    aftercorr (visible in scontrol while pending); same output as a local monolithic run."""
+    aftercorr (visible in scontrol while pending); an encoder task that fails has its
+    partners cancelled (kill_on_invalid_dep), not left pending, while the other chain runs;
+    the re-run submits only the failed shard's chain; same output as a local monolithic run."""
     opts = ["--steps", "2", "--batch-size", "3", "--shard-size", "6", "--gpus", "1"]
     out = tmp_path / "split"
+    fail_task_0 = ["--slurm-setup", '[ "$SLURM_ARRAY_TASK_ID" != 0 ] || exit 3']
+    failed = run_gen("batch", str(m12), "--out", str(out), *opts, "--slurm", "--roles", "split", "--wait",
+                     *fail_task_0, env=ENV, timeout=300)  # fmt: skip
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-3000:]
+    (first,) = json.loads((out / "slurm" / "submissions.json").read_text())
+    enc, den, dec = (a["job_id"] for a in first["arrays"])
+    assert (f"1 shard(s) unfinished and no task of this job is queued (tasks {enc}_0: FAILED (exit 3:0, "
+            f"reason NonZeroExitCode); {den}_0, {dec}_0: CANCELLED (exit 0:0, reason DependencyNeverSatisfied))"
+            ) in failed.stderr, failed.stderr[-3000:]  # fmt: skip
+    assert "Traceback" not in failed.stderr
+    shard_1 = out / "samples" / "shard-00001.parquet"
+    kept = shard_1.read_bytes(), shard_1.stat().st_mtime_ns
     proc = gen_ok("batch", str(m12), "--out", str(out), *opts, "--slurm", "--roles", "split",
                   "--role-slurm-extra", "decoder:comment=decoder-array")  # fmt: skip
-    (submission,) = json.loads((out / "slurm" / "submissions.json").read_text())
+    assert "1 done, 0 held by queued tasks, 1 to submit as 1 task(s)" in proc.stdout, proc.stdout
+    _, submission = json.loads((out / "slurm" / "submissions.json").read_text())
     arrays = {a["role"]: a for a in submission["arrays"]}
     assert list(arrays) == ["encoder", "denoiser", "decoder"]
     assert arrays["denoiser"]["dependency"] == f"aftercorr:{arrays['encoder']['job_id']}"
@@ -268,6 +283,7 @@ def test_split_roles_as_three_chained_arrays_match_the_local_run(m12: Path, tmp_
     assert "Comment=decoder-array" in shown
     assert f"aftercorr:{arrays['denoiser']['job_id']}" in shown or "JobState=COMPLETED" in shown, shown
     wait_for(lambda: status(out)["shards_done"] == 2, 300, "both shards done")
+    assert (shard_1.read_bytes(), shard_1.stat().st_mtime_ns) == kept  # the finished shard untouched
     gen_ok("batch", str(m12), "--out", str(tmp_path / "local"), *opts)
     assert_same_output(out, tmp_path / "local")
     shown = run_gen("status", str(out)).stdout
