@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--writer-size", type=int, default=256)
     ap.add_argument("--writer-steps", type=int, default=2)
     ap.add_argument("--writer-prompts", type=int, default=32)
+    ap.add_argument("--writer-model", default="tiny-sd")
     ap.add_argument("--video-size", type=int, default=256)
     ap.add_argument("--video-frames", type=int, default=81)
     ap.add_argument("--video-prompts", type=int, default=4)
@@ -90,7 +91,7 @@ def main() -> None:
     if "layout" in sections:
         _layouts(work, layout_args, report)
     if "writer" in sections:
-        png = argparse.Namespace(**{**base, "steps": cli.writer_steps}, size=cli.writer_size)
+        png = argparse.Namespace(**{**base, "steps": cli.writer_steps, "model": cli.writer_model}, size=cli.writer_size)
         _writer(work, "writer", png, cli.writer_prompts, [], report)
     if "writer-video" in sections:
         video = argparse.Namespace(**{**base, "model": "tiny-wan22", "batch": 1, "steps": cli.writer_steps},

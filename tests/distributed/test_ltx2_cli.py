@@ -97,7 +97,7 @@ def _layout(out: Path) -> list[list[dict]]:
 def test_cfg_parallel_2_3_4_equal_serial(manifest: Path, tmp_path: Path, gate: str) -> None:
     common = ["--no-cfg-batching", "--cfg-gate-step", gate]
     serial = _batch(manifest, tmp_path / "g1", "tiny-ltx2", "--gpus", "1", *common)
-    sizes = (2, 3, 4) if gate == "1" else (2, 4)
+    sizes = (2, 3, 4) if gate == "1" else (4,)  # gated: after the gate cond runs whole on rank 0 at any K
     for k in sizes:
         out = tmp_path / f"g{k}"
         parallel = _batch(manifest, out, "tiny-ltx2", "--gpus", str(k), "--cfg-parallel-size", str(k), *common)

@@ -19,7 +19,8 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def outs(parti64: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same job three ways: --gpus 2 / shard 8 (the auto layout: 16 micro-batches, dp 2),
-    --gpus 2 / shard 64, --gpus 1 / shard 64, data parallel only (CFG-parallel runs are in
+    --gpus 2 / shard 64 (two ranks share a shard), --gpus 1 / shard 64: data parallel gives the
+    1-rank bytes and splits the work (CFG-parallel runs are in
     tests/distributed/test_cfg_parallel_cli.py)."""
     base = tmp_path_factory.mktemp("e2e")
     runs = {"g2s8": ("2", "8"), "g2s64": ("2", "64"), "g1s64": ("1", "64")}
@@ -63,7 +64,10 @@ def test_64_prompts_on_two_ranks(outs: dict[str, Path], parti64: Path) -> None:
     ]
     assert not (out / ".gen" / "shards").exists() or not any((out / ".gen" / "shards").iterdir())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["samples_ok"] == 64 and summary["generate_wall_s"] > 0
+    assert summary["samples_ok"] == 64 and summary["generate_wall_s"] > 0 and summary["images_per_s"] > 0
+    per_rank = {r["rank"]: r["samples_ok"] for r in summary["ranks"]}
+    assert per_rank == {0: 32, 1: 32}  # 16 micro-batches of 4 rows dealt round-robin
+    assert all(r["peak_rss_bytes"] > 0 for r in summary["ranks"])
     job = json.loads((out / "job.json").read_text())
     assert job["config"]["gpus"] == 2 and job["manifest"]["num_rows"] == 64
 
@@ -74,6 +78,8 @@ def test_bytes_identical_across_ranks_and_shard_sizes(outs: dict[str, Path], oth
     b = pq.read_table(outs[other] / "samples")
     for col in ("sample_id", "seed", "image"):
         assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    steps = ["sample_id", "step_index", "timestep", "denoiser", "uncond"]
+    assert pq.read_table(outs["g2s8"] / "steps", columns=steps).equals(pq.read_table(outs[other] / "steps", columns=steps))
 
 
 def test_rerun_skips_done_shards(outs: dict[str, Path], parti64: Path) -> None:

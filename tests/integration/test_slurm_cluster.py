@@ -189,14 +189,26 @@ def test_status_before_during_after_and_resubmit(m12: Path, tmp_path: Path) -> N
     assert samples(out).select(["sample_id", "status", "image", "seed"]).equals(kept)
 
 
+# Long enough that the task cannot finish within SLURM's KillWait after the requeue (it
+# ignores the SIGTERM, as submitit does, and would otherwise complete as attempt 0).
+LONG = ["--steps", "200", "--batch-size", "1", "--shard-size", "12"]
+
+
+@pytest.fixture(scope="module")
+def long_local(m12: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LONG job run locally on 1 rank: the bytes of any dp layout (12 micro-batches)."""
+    out = tmp_path_factory.mktemp("long") / "local"
+    gen_ok("batch", str(m12), "--out", str(out), *LONG, "--gpus", "1")
+    return out
+
+
 @pytest.mark.parametrize(
     ("how", "gpus"), [("scontrol requeue", "1"), ("scancel --signal=USR2", "2")], ids=["requeue", "usr2"]
 )
-def test_interrupted_task_is_requeued_and_loses_nothing(m12: Path, tmp_path: Path, how: str, gpus: str) -> None:
+def test_interrupted_task_is_requeued_and_loses_nothing(m12: Path, long_local: Path, tmp_path: Path, how: str,
+                                                        gpus: str) -> None:  # fmt: skip
     out = tmp_path / "out"
-    # Long enough that the task cannot finish within SLURM's KillWait after the requeue (it
-    # ignores the SIGTERM, as submitit does, and would otherwise complete as attempt 0).
-    opts = ["--steps", "200", "--batch-size", "1", "--shard-size", "12", "--gpus", gpus]
+    opts = [*LONG, "--gpus", gpus]
     follower = subprocess.Popen([shutil.which("gen"), "batch", str(m12), "--out", str(out), *opts,
                                  "--slurm", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env={**os.environ, **ENV})  # fmt: skip
@@ -232,8 +244,7 @@ def test_interrupted_task_is_requeued_and_loses_nothing(m12: Path, tmp_path: Pat
         assert "Caught signal SIGUSR2" in logs and "preempted" in logs
         assert stopped[0].endswith("; requeueing the task: it resumes at its first unfinished sample")
 
-    gen_ok("batch", str(m12), "--out", str(tmp_path / "local"), *opts)
-    assert_same_output(out, tmp_path / "local")
+    assert_same_output(out, long_local)
 
 
 def test_failed_tasks_end_wait_with_a_clear_message_and_resume(m12: Path, tmp_path: Path) -> None:
