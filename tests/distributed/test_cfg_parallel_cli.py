@@ -29,7 +29,7 @@ RUNS = {
     "g1": ["--gpus", "1"],
     "g2c2": ["--gpus", "2", "--cfg-parallel-size", "2"],
     "g4c2": ["--gpus", "4", "--cfg-parallel-size", "2"],
-    "g1sep": ["--gpus", "1", "--max-forward-batch", "4"],  # batch 4 x 2 branches > 4: separate forwards
+    "g1sep": ["--gpus", "1", "--no-cfg-batching"],
     "g2c2sep": ["--gpus", "2", "--cfg-parallel-size", "2", "--no-cfg-batching"],
     "g1sep_gate": ["--gpus", "1", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
     "g2c2sep_gate": ["--gpus", "2", "--cfg-parallel-size", "2", "--no-cfg-batching", "--cfg-gate-step", "0.5"],
@@ -87,9 +87,8 @@ def _same_bytes(a: Path, b: Path, rows: int = 10, steps: int = STEPS) -> None:
                                       ("g2c2", "g2c2sep"), ("g1sep_gate", "g2c2sep_gate")])  # fmt: skip
 def test_byte_identical(outs: dict[str, tuple[Path, str]], a: str, b: str) -> None:
     """cfg 2 on 2 or 4 ranks (dp alone against 1 rank: tests/integration/test_batch_cli.py);
-    separate forwards serial (by --max-forward-batch) vs
-    CFG-parallel; and CFG parallel with or without batching (each rank holds one branch either
-    way)."""
+    separate forwards serial vs CFG-parallel; and CFG parallel with or without batching (each
+    rank holds one branch either way)."""
     _same_bytes(outs[a][0], outs[b][0])
 
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from jobs.output.media import mp4_bytes, mp4_frames
@@ -68,6 +70,35 @@ def _batch(manifest: Path, out: Path, model: str, *extra: str, ok: bool = True) 
     return table
 
 
+_STOCK = """
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import load_image
+model, rows, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+pipe = DiffusionPipeline.from_pretrained(model)
+pipe.set_progress_bar_config(disable=True)
+frames = [(pipe(image=load_image(r["image"]), prompt=r["prompt"], negative_prompt=r["negative_prompt"] or "",
+                generator=torch.Generator("cpu").manual_seed(r["seed"]), num_inference_steps=%d, num_frames=5,
+                height=32, width=32, output_type="np").frames[0] * 255).round().astype(np.uint8) for r in rows]
+np.save(out, np.stack(frames))
+"""
+
+
+def _stock_frames(model_dir: Path, tmp_path: Path, rows: list[dict]) -> np.ndarray:
+    """The plain loop's frames (rows, frames, H, W, 3) uint8, in a process of its own with
+    OMP_NUM_THREADS=1 like the ranks': in this one, with only torch.set_num_threads(1), the
+    CLIP image path now and then rounds differently (threads set from the environment at
+    start-up, not by torch)."""
+    todo = [{"image": r["image"] if r["image"].startswith("/") else str(tmp_path / r["image"]),
+             "prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]  # fmt: skip
+    out = tmp_path / "stock.npy"
+    proc = subprocess.run([sys.executable, "-c", _STOCK % STEPS, str(model_dir), json.dumps(todo), str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(out)
+
+
 @pytest.mark.parametrize("model", ["tiny-wan-i2v", "tiny-wan22-ti2v"])
 def test_batch_size_1_equals_the_stock_pipe_loop(model: str, base: Path, tmp_path: Path) -> None:
     manifest = tmp_path / "m.parquet"
@@ -81,21 +112,11 @@ def test_batch_size_1_equals_the_stock_pipe_loop(model: str, base: Path, tmp_pat
         manifest, tmp_path / "out", str(user_dir), "--batch-size", "1", "--no-cfg-batching"
     )
 
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import load_image
-
-    torch.set_num_threads(1)
-    pipe = DiffusionPipeline.from_pretrained(user_dir)
-    pipe.set_progress_bar_config(disable=True)
-    for row in samples.to_pylist():
+    rows = samples.to_pylist()
+    for row in rows:
         assert (row["num_frames"], row["height"], row["width"]) == (5, 32, 32)  # gen_defaults.json
-        image = load_image(
-            str(tmp_path / row["image"]) if not row["image"].startswith("/") else row["image"]
-        )
-        stock = pipe(image=image, prompt=row["prompt"], negative_prompt=row["negative_prompt"] or "",
-                     generator=torch.Generator("cpu").manual_seed(row["seed"]), num_inference_steps=STEPS,
-                     num_frames=5, height=32, width=32, output_type="np").frames[0]  # fmt: skip
-        expected = (stock * 255).round().astype(np.uint8)
+    stock = _stock_frames(user_dir, tmp_path, rows)
+    for row, expected in zip(rows, stock):
         got = row["video"]["bytes"]
         if got != mp4_bytes(expected):  # say by how much the decoded frames differ
             diff = np.abs(mp4_frames(got).astype(int) - mp4_frames(mp4_bytes(expected)).astype(int))

@@ -112,6 +112,8 @@ def test_dry_run_prints_the_local_and_slurm_plans_and_writes_nothing(tmp_path: P
     assert "25,000 micro-batch(es) of <= 4 prompts, 100,000 image(s)" in text
     assert "2 rank(s) = dp 2 x cfg 1 (no CFG parallelism) (auto: 25000 micro-batches for 2 ranks: data parallel" in text
     assert "tiny-sd (built-in smoke-test model, built on first use)" in text
+    capped = _cli("batch", str(manifest), "--dry-run", "--gpus", "2", "--max-forward-batch", "4", env=env)
+    assert "data parallel, full-batch forwards; --max-forward-batch 4: each branch its own forward of 4" in capped.stdout
 
     slurm = _cli("batch", str(manifest), "--dry-run", "--slurm", "--gpus", "8", "--shard-size", "40",
                  "--shards-per-task", "2", "--array-parallelism", "5", "--time", "2:00:00", env=env)  # fmt: skip
