@@ -302,3 +302,29 @@ def test_split_roles_as_three_chained_arrays_match_the_local_run(m12: Path, tmp_
     # re-running submits nothing: decided from the files on disk
     again = gen_ok("batch", str(m12), "--out", str(out), *opts, "--slurm", "--roles", "split")
     assert "nothing to submit: every shard is done" in again.stdout
+
+
+def _media(out: Path) -> dict[str, list]:
+    table = samples(out)
+    return {c: table.column(c).to_pylist() for c in ("sample_id", "image", "video", "audio") if c in table.column_names}
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux", "tiny-wan22", "tiny-ltx2"])
+def test_split_roles_on_slurm_per_family(model: str, tmp_path: Path) -> None:
+    """Every family through SLURM's three chained arrays (encoder, denoiser, decoder tasks on
+    the cluster) gives the local monolithic bytes: images, or videos and audio, and steps."""
+    manifest = parti_manifest(tmp_path / "m.parquet", 2)
+    frames = {"tiny-wan22": ["--num-frames", "5"], "tiny-ltx2": ["--num-frames", "9"]}
+    opts = ["--model", model, "--steps", "2", "--batch-size", "2", "--gpus", "1", *frames.get(model, [])]
+    proc = gen_ok("batch", str(manifest), "--out", str(tmp_path / "split"), *opts, "--slurm", "--roles", "split",
+                  "--wait", timeout=600)  # fmt: skip
+    assert "done: 2 ok, 0 error (1/1 shards)" in proc.stdout, proc.stdout[-2000:]
+    (submission,) = json.loads((tmp_path / "split" / "slurm" / "submissions.json").read_text())
+    assert [a["role"] for a in submission["arrays"]] == ["encoder", "denoiser", "decoder"]
+    gen_ok("batch", str(manifest), "--out", str(tmp_path / "mono"), *opts, timeout=600)
+    split, mono = _media(tmp_path / "split"), _media(tmp_path / "mono")
+    assert set(split) == set(mono) and len(split) >= 2
+    assert split == mono
+    steps = ["sample_id", "step_index", "timestep", "uncond"]
+    assert pq.read_table(tmp_path / "split" / "steps", columns=steps).equals(
+        pq.read_table(tmp_path / "mono" / "steps", columns=steps))  # fmt: skip
