@@ -68,7 +68,7 @@ def main() -> None:
 @click.option("--cfg-batching/--no-cfg-batching", default=True, show_default=True, help="Run CFG branches as one concatenated forward.")
 @click.option("--max-forward-batch", type=int,
               help="Most samples one denoiser forward may hold (>= --batch-size): CFG branches are concatenated only up "
-                   "to it, and auto picks CFG groups when a batched step would exceed it [default: no cap].")
+                   "to it; the layout line says how the cap is honoured [default: no cap].")
 @click.option("--compile/--no-compile", "compile", default=False, show_default=True,
               help="torch.compile the denoiser (its repeated blocks where the model has them; dynamic shapes). "
                    "Compile time is reported apart (summary.json compile_s); images round differently from eager.")

@@ -97,8 +97,8 @@ class BatchConfig:
     """Run a rank's CFG branches as one concatenated forward (False: one forward per branch)."""
     max_forward_batch: int | None = None
     """Most samples one denoiser forward may hold, >= batch_size (a micro-batch's cond branch is
-    one forward); branches are concatenated only up to it, and auto layout picks CFG groups
-    when a batched step would exceed it. None: no cap."""
+    one forward); branches are concatenated only up to it (auto layout does not change for it:
+    jobs.layout.resolve_layout). None: no cap."""
     compile: bool = False
     """torch.compile the denoisers (pipeline.compile: their repeated blocks where the model
     declares them, dynamic shapes); compiled kernels round differently, so it is a generation option."""
